@@ -73,8 +73,9 @@ def _parse_model(data: bytes, label: str) -> onnx.ModelProto:
     except Exception:  # protobuf raises DecodeError or RuntimeWarning-derived errors
         raise ModelLoadError(f"{label}: not a valid ONNX model (protobuf parse failed; "
                              "truncated or not ONNX)") from None
-    if not proto.HasField("graph") or not (proto.graph.node or proto.graph.output):
-        raise ModelLoadError(f"{label}: not an ONNX model (no graph found)")
+    if not proto.HasField("graph") or not proto.graph.output:
+        raise ModelLoadError(f"{label}: not a complete ONNX model (no graph outputs; "
+                             "truncated or not ONNX)")
     if not proto.opset_import:
         raise ModelLoadError(f"{label}: not an ONNX model (no opset_import)")
     return proto
