@@ -240,13 +240,16 @@ def _sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
 
 
 # -- export ----------------------------------------------------------------------------------------
-def to_onnx(model: Model, value_info: bool = True) -> onnx.ModelProto:
+def to_onnx(model: Model, value_info: bool = True,
+            constants_as_inputs_above: int | None = None) -> onnx.ModelProto:
     """Convert the IR back to a ModelProto (nodes topologically sorted).
 
     `value_info=True` writes the known dtype/shape of intermediate values, which downstream
-    tools (TVM, runtimes, viewers) use.
+    tools (TVM, runtimes, viewers) use. `constants_as_inputs_above=N` declares constants of more
+    than N elements as typed graph inputs instead of serializing their data (for analyses such as
+    shape inference that need only their shapes; the result is not a runnable model).
     """
-    graph_proto = _export_graph(model.graph, value_info)
+    graph_proto = _export_graph(model.graph, value_info, constants_as_inputs_above)
     proto = helper.make_model(
         graph_proto,
         opset_imports=[helper.make_opsetid(domain, version)
@@ -266,12 +269,18 @@ def to_onnx(model: Model, value_info: bool = True) -> onnx.ModelProto:
     return proto
 
 
-def _export_graph(graph: Graph, value_info: bool) -> onnx.GraphProto:
+def _export_graph(graph: Graph, value_info: bool,
+                  constants_as_inputs_above: int | None = None) -> onnx.GraphProto:
     graph.toposort()
     nodes = [node_to_onnx(node, value_info) for node in graph.nodes]
     inputs = [_value_info(v) for v in graph.inputs]
     outputs = [_value_info(v) for v in graph.outputs]
-    initializers = [array_to_tensor(v.const, v.name) for v in graph.initializers.values()]
+    initializers = []
+    for value in graph.initializers.values():
+        if constants_as_inputs_above is not None and value.const.size > constants_as_inputs_above:
+            inputs.append(_value_info(value))
+        else:
+            initializers.append(array_to_tensor(value.const, value.name))
     infos = []
     if value_info:
         listed = {v.name for v in graph.inputs} | {v.name for v in graph.outputs}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from .errors import ShapeError
 from .graph import Model, Value, is_static_shape
@@ -109,34 +108,17 @@ def _more_specific(new, old) -> bool:
 
 def _inference_proto(model: Model) -> onnx.ModelProto:
     """Export without intermediate value_info, large constants turned into typed inputs."""
-    proto = to_onnx(model, value_info=False)
-    graph = proto.graph
-    kept, moved = [], []
-    for tensor in graph.initializer:
-        if _element_count(tensor.dims) > _SMALL_CONSTANT:
-            moved.append(helper.make_tensor_value_info(tensor.name, tensor.data_type,
-                                                       list(tensor.dims)))
-        else:
-            kept.append(tensor)
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    graph.input.extend(moved)
-    return proto
-
-
-def _element_count(dims) -> int:
-    count = 1
-    for d in dims:
-        count *= d
-    return count
+    return to_onnx(model, value_info=False, constants_as_inputs_above=_SMALL_CONSTANT)
 
 
 def _measure_unknown(model: Model) -> None:
     """Run the model once in onnxruntime to type values that ONNX inference left unknown."""
     graph = model.graph
+    # Outputs nobody reads (e.g. an old Dropout's mask) need no type: don't run for them.
     unknown = [v for node in graph.nodes for v in node.outputs
                if v is not None and v.type_proto is None
-               and (v.dtype is None or v.shape is None)]
+               and (v.dtype is None or v.shape is None)
+               and (v.uses() or v.is_graph_output())]
     if not unknown or dynamic_inputs(model):
         return
     try:

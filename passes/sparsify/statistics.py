@@ -1,0 +1,186 @@
+"""Input statistics of each layer from calibration data: H = E[x x^T] over the layer's columns.
+
+For a layer viewed as W[out, in] (see `layers`), x is one "input row" of the matrix product:
+a token's features for MatMul, a row of A for Gemm, an im2col patch for Conv. Then
+- Wanda's column norm is sqrt(diag(H)) (up to a constant factor that does not change rankings);
+- SparseGPT's Hessian of the layer-wise squared error is H;
+- the output error of a weight change dW is trace(dW H dW^T) (used by the sensitivity scan).
+
+Activations come from `passes.calibration.capture` (onnxruntime with extra outputs), a few
+layers at a time so that memory stays bounded; layers reading the same tensor the same way
+(Q/K/V projections) share one statistic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ir import Model
+
+from ..calibration import CalibrationSet, capture
+from .layers import SparsifyTarget
+
+__all__ = ["InputStatistics", "collect_statistics", "conv_patches"]
+
+# Rows of x used per calibration feed at most (conv layers on large images have many patches;
+# a seeded subsample of positions estimates H as well).
+MAX_ROWS_PER_FEED = 4096
+# Captured activations held in memory at once, in bytes.
+CAPTURE_BUDGET = 256 * 2**20
+
+
+class InputStatistics:
+    """Per row group (conv groups; one group otherwise): H = mean x x^T, or only its diagonal."""
+
+    def __init__(self, groups: int, columns: int, full: bool):
+        self.full = full
+        self.sums = [np.zeros((columns, columns) if full else columns) for _ in range(groups)]
+        self.rows = 0
+
+    def add(self, per_group_rows: list[np.ndarray]) -> None:
+        for index, x in enumerate(per_group_rows):
+            x = x.astype(np.float64)
+            self.sums[index] += x.T @ x if self.full else np.einsum("ij,ij->j", x, x)
+        self.rows += len(per_group_rows[0])
+
+    def hessian(self, group: int = 0) -> np.ndarray:
+        """E[x x^T] of row group `group` ([in, in]); needs full statistics."""
+        if not self.full:
+            raise ValueError("only the diagonal was collected")
+        return self.sums[group] / max(self.rows, 1)
+
+    def column_norms(self, group: int = 0) -> np.ndarray:
+        """sqrt(E[x_j^2]) per input column: Wanda's activation norm (scaled by 1/sqrt(rows))."""
+        total = self.sums[group]
+        diag = np.diag(total) if self.full else total
+        return np.sqrt(np.maximum(diag, 0.0) / max(self.rows, 1))
+
+
+def _conv_geometry(target: SparsifyTarget, spatial: tuple[int, ...]):
+    node, kernel = target.node, target.kernel
+    dims = len(kernel)
+    strides = list(node.attr("strides", [1] * dims))
+    dilations = list(node.attr("dilations", [1] * dims))
+    pads = list(node.attr("pads", [0] * (2 * dims)))
+    auto_pad = node.attr("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0] * (2 * dims)
+        for axis in range(dims):
+            effective = (kernel[axis] - 1) * dilations[axis] + 1
+            out = math.ceil(spatial[axis] / strides[axis])
+            total = max((out - 1) * strides[axis] + effective - spatial[axis], 0)
+            small, large = total // 2, total - total // 2
+            pads[axis], pads[axis + dims] = ((small, large) if auto_pad == "SAME_UPPER"
+                                             else (large, small))
+    elif auto_pad == "VALID":
+        pads = [0] * (2 * dims)
+    return strides, dilations, pads
+
+
+def conv_patches(x: np.ndarray, target: SparsifyTarget) -> list[np.ndarray]:
+    """im2col of a conv input x [N, C, *spatial]: per group, rows = output positions,
+    columns = (input channel of the group, kernel offsets...), matching W.reshape(O, -1)."""
+    kernel = target.kernel
+    dims = len(kernel)
+    strides, dilations, pads = _conv_geometry(target, x.shape[2:])
+    x = np.pad(x, [(0, 0), (0, 0)] + [(pads[a], pads[a + dims]) for a in range(dims)])
+    effective = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilations))
+    windows = np.lib.stride_tricks.sliding_window_view(x, effective, axis=tuple(range(2, 2 + dims)))
+    # windows: [N, C, *positions, *effective]; keep strided positions and dilated taps.
+    index = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides) \
+        + tuple(slice(None, None, d) for d in dilations)
+    windows = windows[index]
+    batch, channels = windows.shape[:2]
+    positions = windows.shape[2:2 + dims]
+    order = (0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))
+    rows = windows.transpose(order).reshape(batch * int(np.prod(positions)), channels, -1)
+    per_group = channels // target.groups
+    return [rows[:, g * per_group:(g + 1) * per_group, :].reshape(len(rows), -1)
+            for g in range(target.groups)]
+
+
+def layer_rows(activation: np.ndarray, target: SparsifyTarget,
+               row_mask: np.ndarray | None = None) -> list[np.ndarray]:
+    """The input rows x of one captured activation, per row group.
+
+    `row_mask` (e.g. an attention mask [batch, seq]) drops the rows of a MatMul input
+    [batch, seq, K] where it is 0: padding tokens do not reach the model's output, and with
+    short sentences padded to a long sequence they would otherwise dominate H.
+    """
+    if target.op_type == "Conv":
+        return conv_patches(activation, target)
+    if target.op_type == "Gemm" and target.node.attr("transA", 0):
+        activation = activation.T
+    if (row_mask is not None and target.op_type == "MatMul"
+            and activation.shape[:row_mask.ndim] == row_mask.shape):
+        kept = activation[row_mask.astype(bool)]
+        if len(kept):
+            return [kept.reshape(-1, activation.shape[-1])]
+    return [activation.reshape(-1, activation.shape[-1])]
+
+
+def _statistic_key(target: SparsifyTarget) -> tuple:
+    node = target.node
+    if target.op_type == "Conv":
+        return (node.input(0).name, "Conv", target.kernel, target.groups,
+                tuple(sorted((k, str(v)) for k, v in node.attrs.items())))
+    return (node.input(0).name, target.op_type, bool(node.attr("transA", 0)))
+
+
+def collect_statistics(model: Model, targets: list[SparsifyTarget], calibration: CalibrationSet,
+                       samples: int, full: bool, seed: int = 0, progress=None,
+                       row_mask_input: str | None = None) -> list[InputStatistics]:
+    """One InputStatistics per target (shared between targets reading the same input).
+
+    `row_mask_input` names a graph input whose 0 entries mark rows to leave out (see
+    `layer_rows`)."""
+    rng = np.random.default_rng(seed)
+    keyed: dict[tuple, InputStatistics] = {}
+    owners: dict[tuple, SparsifyTarget] = {}
+    for target in targets:
+        key = _statistic_key(target)
+        if key not in keyed:
+            columns = target.matrix().shape[1]
+            keyed[key] = InputStatistics(target.groups, columns, full)
+            owners[key] = target
+    feeds = max(1, min(samples, len(calibration)))
+    masks = None
+    if row_mask_input is not None:
+        masks = [feed[row_mask_input] for feed in calibration.feeds(model, samples)]
+    chunks = _capture_chunks(owners, feeds)
+    iterate = progress(chunks, total=len(chunks), desc="sparsify: calibration") if progress \
+        else chunks
+    for chunk in iterate:
+        names = sorted({owners[key].node.input(0).name for key in chunk})
+        captured = capture(model, names, calibration, limit=samples)
+        for key in chunk:
+            target = owners[key]
+            for index, activation in enumerate(captured[target.node.input(0).name]):
+                mask = masks[index] if masks is not None else None
+                rows = layer_rows(np.asarray(activation), target, mask)
+                if len(rows[0]) > MAX_ROWS_PER_FEED:
+                    pick = np.sort(rng.choice(len(rows[0]), MAX_ROWS_PER_FEED, replace=False))
+                    rows = [r[pick] for r in rows]
+                keyed[key].add(rows)
+        del captured
+    return [keyed[_statistic_key(t)] for t in targets]
+
+
+def _capture_chunks(owners: dict[tuple, SparsifyTarget], feeds: int) -> list[list[tuple]]:
+    """Group statistic keys so that each capture run holds about CAPTURE_BUDGET bytes."""
+    chunks: list[list[tuple]] = [[]]
+    used = 0
+    for key, target in owners.items():
+        value = target.node.input(0)
+        elements = int(np.prod([d if isinstance(d, int) else 1 for d in (value.shape or (1,))]))
+        cost = elements * 4 * feeds
+        if chunks[-1] and used + cost > CAPTURE_BUDGET:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(key)
+        used += cost
+    return [c for c in chunks if c]
