@@ -35,7 +35,23 @@ def evaluate_node(node: Node, model: Model) -> list[np.ndarray | None]:
         results = dict(zip(names, evaluator.run(names, {})))
     except Exception as exc:
         raise NotEvaluable(str(exc)) from None
-    return [np.asarray(results[v.name]) if v is not None else None for v in node.outputs]
+    return _tensors_only(node, results)
+
+
+def _tensors_only(node: Node, results: dict) -> list[np.ndarray | None]:
+    """Only tensor results can become constants: sequences, maps and optionals stay computed."""
+    outputs = []
+    for value in node.outputs:
+        if value is None:
+            outputs.append(None)
+            continue
+        result = results[value.name]
+        if isinstance(result, np.generic):
+            result = np.asarray(result)
+        if not isinstance(result, np.ndarray):
+            raise NotEvaluable(f"{value.name!r} is not a tensor")
+        outputs.append(result)
+    return outputs
 
 
 def _single_node_model(node: Node, model: Model) -> onnx.ModelProto:
@@ -61,5 +77,4 @@ def _run_onnxruntime(proto: onnx.ModelProto, node: Node) -> list[np.ndarray | No
     session = ort.InferenceSession(proto.SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
     names = [v.name for v in node.outputs if v is not None]
-    results = dict(zip(names, session.run(names, {})))
-    return [np.asarray(results[v.name]) if v is not None else None for v in node.outputs]
+    return _tensors_only(node, dict(zip(names, session.run(names, {}))))

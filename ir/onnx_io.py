@@ -285,6 +285,10 @@ def _export_graph(graph: Graph, value_info: bool,
     if value_info:
         listed = {v.name for v in graph.inputs} | {v.name for v in graph.outputs}
         for node in graph.nodes:
+            if node.subgraphs():
+                # If/Loop/Scan outputs can differ in shape per branch or iteration: declaring
+                # the shape ONNX inference merged for them can contradict the one taken.
+                continue
             for value in node.outputs:
                 if (value is not None and value.name not in listed
                         and (value.dtype is not None or value.type_proto is not None)):
