@@ -116,12 +116,11 @@ class Value:
         out_name = self.name
         can_rename = (other.graph is graph and not other.is_graph_input()
                       and not other.is_graph_output() and not other.is_constant)
+        graph.rename_value(self, graph.unique_name(out_name + "_replaced"))
         if can_rename:
             graph.outputs = [other if v is self else v for v in graph.outputs]
-            self.name = graph.unique_name(out_name + "_replaced")
             graph.rename_value(other, out_name)
         else:
-            self.name = graph.unique_name(out_name + "_replaced")
             bridge = graph.make_value(out_name, dtype=other.dtype, shape=other.shape)
             graph.add_node("Identity", [other], [bridge], name=graph.unique_name(out_name + "/keep"))
             graph.outputs = [bridge if v is self else v for v in graph.outputs]
@@ -306,6 +305,7 @@ class Graph:
         if value.is_constant and value.name in self.initializers:
             del self.initializers[value.name]
             self.initializers[new_name] = value
+        names.discard(value.name)  # the old name is free again
         value.name = new_name
         names.add(new_name)
 

@@ -149,7 +149,9 @@ def _import_graph(proto: onnx.GraphProto, outer: dict[str, Value], parent: Node 
         graph.inputs.append(value)
 
     for node_proto in proto.node:
-        node = Node(node_proto.op_type, name=node_proto.name, domain=node_proto.domain)
+        # Unnamed nodes get a unique name: per-node reports and passes address nodes by name.
+        name = node_proto.name or graph.unique_name(node_proto.op_type)
+        node = Node(node_proto.op_type, name=name, domain=node_proto.domain)
         node.doc_string = node_proto.doc_string
         inputs = []
         for name in node_proto.input:
