@@ -374,15 +374,17 @@ class Graph:
         Outputs that still have uses are an error unless they were turned into constants
         (constant folding keeps the same `Value` and just gives it data).
         """
+        # Validate everything before changing anything: a refused removal leaves the graph intact.
+        index = self._index_of(node)
         for value in node.outputs:
-            if value is None:
-                continue
-            if value.producer is node:
-                value.producer = None
-            if (value._uses or value.is_graph_output()) and not value.is_constant:
+            if (value is not None and (value._uses or value.is_graph_output())
+                    and not value.is_constant):
                 raise GraphError(f"removing {node!r} would leave {value.name!r} undefined")
+        for value in node.outputs:
+            if value is not None and value.producer is node:
+                value.producer = None
         self.detach_inputs(node)
-        self.nodes.pop(self._index_of(node))
+        self.nodes.pop(index)
         node.graph = None
 
     @staticmethod

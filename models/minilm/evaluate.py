@@ -6,7 +6,8 @@
   anchor is closer to the positive. The negatives share words or topic with the anchor, so a
   model that degrades to bag-of-words similarity loses points. The original model scores 1.0.
 - `calibration_npz`: the project's `--calib` file from CALIBRATION_SENTENCES, a list disjoint
-  from the evaluation sentences so that data-aware passes are not tuned on the test set.
+  from the evaluation sentences so that data-aware passes are not tuned on the test set, or
+  (n > 48 or corpus="passages") from the larger prose corpus of `models.minilm.corpus`.
 
 Every evaluation and ranking sentence fits in 32 tokens with [CLS]/[SEP], so models built with
 seq_len >= 32 see them untruncated and score the same across seq_len. Every sixth calibration
@@ -225,18 +226,33 @@ def ranking_accuracy(model) -> float:
     return float(np.mean(_row_cosine(anchor, positive) > _row_cosine(anchor, negative)))
 
 
-def calibration_npz(path, n: int = 32, seq_len: int = 128) -> Path:
-    """Write the first `n` CALIBRATION_SENTENCES as a `--calib` .npz and return its path.
+def calibration_npz(path, n: int = 32, seq_len: int = 128, corpus: str = "auto") -> Path:
+    """Write `n` calibration samples as a `--calib` .npz and return its path.
 
+    corpus="sentences": the first `n` CALIBRATION_SENTENCES (48 at most, ~860 real tokens);
+    corpus="passages": `models.minilm.corpus.calibration_passages(n)` — English prose packed
+    into passages that fill most of a 128-token sequence (~100 real tokens each), with one
+    everyday sentence in eight; "auto" picks sentences for n <= 48 and passages above.
     Keys are the graph input names; each array is int64 [n, seq_len], i.e. one batch item per
     sample, which the project's CalibrationSet groups into the model's static batch size.
     """
-    if not 1 <= n <= len(CALIBRATION_SENTENCES):
-        raise ValueError(f"n must be in 1..{len(CALIBRATION_SENTENCES)}, got {n}")
+    if corpus == "auto":
+        corpus = "sentences" if n <= len(CALIBRATION_SENTENCES) else "passages"
+    if corpus == "sentences":
+        if not 1 <= n <= len(CALIBRATION_SENTENCES):
+            raise ValueError(f"n must be in 1..{len(CALIBRATION_SENTENCES)}, got {n}")
+        texts = CALIBRATION_SENTENCES[:n]
+    elif corpus == "passages":
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        from .corpus import calibration_passages
+        texts = calibration_passages(n)
+    else:
+        raise ValueError(f"corpus must be auto, sentences or passages, got {corpus!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as f:  # a file object keeps np.savez from appending ".npz"
-        np.savez(f, **tokenize(CALIBRATION_SENTENCES[:n], seq_len))
+        np.savez(f, **tokenize(texts, seq_len))
     return path
 
 

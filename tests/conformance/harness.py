@@ -13,6 +13,7 @@ light (no inputs are shipped with light models: seeded random inputs are used).
 
 from __future__ import annotations
 
+import ctypes
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,10 +150,68 @@ def _feeds(model: onnx.ModelProto, inputs: list) -> dict:
 
 def _as_feed(value):
     """The generated cases give scalar inputs as numpy scalars and low-precision ones (float8,
-    int4, ...) as TensorProtos; onnxruntime wants arrays."""
+    int4, ...) as TensorProtos; onnxruntime wants arrays, or OrtValues for the dtypes its
+    numpy bridge lacks (bfloat16, float8, int4: ml_dtypes arrays)."""
     if isinstance(value, onnx.TensorProto):
-        return numpy_helper.to_array(value)
-    return np.asarray(value) if isinstance(value, np.generic) else value
+        value = numpy_helper.to_array(value)
+    if isinstance(value, np.generic):
+        value = np.asarray(value)
+    if isinstance(value, np.ndarray) and _is_exotic(value.dtype):
+        return _to_ort_value(value)
+    return value
+
+
+def _is_exotic(dtype: np.dtype) -> bool:
+    """ml_dtypes types (bfloat16, float8*, int4, ...) that onnxruntime's numpy bridge refuses."""
+    return dtype.kind == "V" or dtype.name in _ML_DTYPE_NAMES
+
+
+_ML_DTYPE_NAMES = {"bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",
+                   "int4", "uint4", "int2", "uint2", "float4_e2m1fn"}
+
+
+def _to_ort_value(array: np.ndarray):
+    """An OrtValue holding `array`, written as ONNX packs it (raw_data: 4-bit types packed)."""
+    import onnxruntime as ort
+    tensor = numpy_helper.from_array(array)
+    value = ort.OrtValue.ortvalue_from_shape_and_type(list(array.shape), tensor.data_type)
+    if len(tensor.raw_data) != value.tensor_size_in_bytes():
+        raise ValueError(f"cannot feed {array.dtype} to onnxruntime")
+    ctypes.memmove(value.data_ptr(), tensor.raw_data, len(tensor.raw_data))
+    return value
+
+
+def _from_ort_value(value):
+    """A tensor OrtValue of a type numpy lacks, read back through a TensorProto (ml_dtypes)."""
+    element = value.data_type()[len("tensor("):-1]
+    tensor = onnx.TensorProto()
+    tensor.data_type = _ORT_ELEMENT_TYPES[element]
+    tensor.dims.extend(value.shape())
+    tensor.raw_data = ctypes.string_at(value.data_ptr(), value.tensor_size_in_bytes())
+    return numpy_helper.to_array(tensor)
+
+
+_ORT_ELEMENT_TYPES = {"bfloat16": onnx.TensorProto.BFLOAT16,
+                      "float8e4m3fn": onnx.TensorProto.FLOAT8E4M3FN,
+                      "float8e4m3fnuz": onnx.TensorProto.FLOAT8E4M3FNUZ,
+                      "float8e5m2": onnx.TensorProto.FLOAT8E5M2,
+                      "float8e5m2fnuz": onnx.TensorProto.FLOAT8E5M2FNUZ,
+                      "int4": onnx.TensorProto.INT4, "uint4": onnx.TensorProto.UINT4,
+                      "int2": onnx.TensorProto.INT2, "uint2": onnx.TensorProto.UINT2}
+
+
+def _run(session, feeds: dict) -> list:
+    """session.run, except that outputs of types numpy lacks come back as ml_dtypes arrays."""
+    outputs = session.get_outputs()
+    if not any(o.type[len("tensor("):-1] in _ORT_ELEMENT_TYPES for o in outputs):
+        return session.run(None, feeds)
+    import onnxruntime as ort
+    # run_with_ort_values takes OrtValues only.
+    feeds = {name: value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(
+        np.asarray(value)) for name, value in feeds.items()}
+    values = session.run_with_ort_values([o.name for o in outputs], feeds)
+    return [_from_ort_value(v) if v.data_type()[len("tensor("):-1] in _ORT_ELEMENT_TYPES
+            else v.numpy() for v in values]
 
 
 def round_trip(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -169,7 +228,7 @@ def run_case(case: Case) -> Outcome:
 
     try:
         original = _session(case.model)
-        expected_sets = [original.run(None, _feeds(case.model, inputs))
+        expected_sets = [_run(original, _feeds(case.model, inputs))
                          for inputs, _ in case.data_sets]
     except Exception as exc:
         return outcome("not-runnable", _first_line(exc))
@@ -186,7 +245,7 @@ def run_case(case: Case) -> Outcome:
     for (inputs, _), expected in zip(case.data_sets, expected_sets):
         feeds = {k: v for k, v in _feeds(case.model, inputs).items() if k in names}
         try:
-            actual = session.run(None, feeds)
+            actual = _run(session, feeds)
         except Exception as exc:
             return outcome("error", f"round-tripped model fails to run: {_first_line(exc)}")
         problem = _compare(expected, actual, case.rtol, case.atol, shape_only)

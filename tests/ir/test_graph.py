@@ -1,140 +1,217 @@
-"""Use-def chains, rewrites, ordering and subgraphs of the IR."""
+"""Use-def chains, rewrites, removal, ordering and subgraph captures of `ir.graph`."""
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 import ir
-from ir import Graph, GraphError, Node, Value
-from passes import PassManager, build_pipeline
-from tests.helpers import conv_bn_relu_gemm, run_onnx
+from ir import Graph, GraphError, Model
+from passes.cleanup import EliminateDeadCode
+from passes.core import PassContext
+from tests.helpers import run_onnx
 
 
-def _chain():
+def _input(graph, name, shape=(2, 3)):
+    return graph.add_input(graph.make_value(name, np.float32, shape))
+
+
+def _two_input_graph():
+    """x, z -> a = Relu(x) -> s = Add(a, a) -> output s."""
     graph = Graph("g")
-    x = graph.add_input(Value("x", np.float32, (2,)))
-    a = graph.add_node("Relu", [x], name="a").output
-    b = graph.add_node("Neg", [a], name="b").output
-    graph.outputs.append(b)
-    return graph, x, a, b
+    x, z = _input(graph, "x"), _input(graph, "z")
+    relu = graph.add_node("Relu", [x], name="relu")
+    add = graph.add_node("Add", [relu.output, relu.output], name="add")
+    graph.outputs = [add.output]
+    return graph, x, z, relu, add
 
 
-def test_set_input_keeps_uses_in_sync():
-    graph, x, a, b = _chain()
-    neg = b.producer
-    assert a.uses() == [(neg, 0)] and x.consumers() == [a.producer]
-    neg.set_input(0, x)
-    assert a.uses() == [] and sorted(n.name for n in x.consumers()) == ["a", "b"]
-    neg.inputs = [a, a]
-    assert a.uses() == [(neg, 0), (neg, 1)] and x.uses() == [(a.producer, 0)]
+# -- use-def sync ----------------------------------------------------------------------------------
+def test_set_input_moves_exactly_one_use():
+    graph, x, z, relu, add = _two_input_graph()
+    a = relu.output
+    assert a.uses() == [(add, 0), (add, 1)]
+    assert a.consumers() == [add]  # one node, however many times it reads the value
 
-
-def test_replace_all_uses_keeps_the_output_name():
-    graph, x, a, b = _chain()
-    c = graph.add_node("Abs", [a], name="c").output
-    name = b.name
-    b.replace_all_uses_with(c)
-    graph.remove_node(b.producer)
-    assert graph.outputs == [c] and c.name == name
+    add.set_input(1, z)
+    assert a.uses() == [(add, 0)]
+    assert z.uses() == [(add, 1)]
+    assert add.inputs == (a, z)
     ir.check_graph(graph)
 
 
-def test_replace_output_by_an_input_bridges_with_identity():
-    graph, x, a, b = _chain()
-    name = b.name
-    b.replace_all_uses_with(x)
-    graph.remove_node(b.producer)
-    (out,) = graph.outputs
-    assert out.name == name and out.producer.op_type == "Identity" and out.producer.input(0) is x
+def test_inputs_setter_rewrites_all_uses_and_accepts_omitted_inputs():
+    graph, x, z, relu, add = _two_input_graph()
+    add.inputs = [z, x]
+    assert relu.output.uses() == []
+    assert z.uses() == [(add, 0)] and x.uses() == [(relu, 0), (add, 1)]
+
+    clip = graph.add_node("Clip", [x, None, relu.output], name="clip")
+    assert clip.input(1) is None and clip.input(5) is None
+    assert relu.output.uses() == [(clip, 2)]
+    clip.inputs = []
+    assert relu.output.uses() == [] and x.uses() == [(relu, 0), (add, 1)]
 
 
-def test_remove_node_refuses_to_orphan_readers():
-    graph, x, a, b = _chain()
+# -- replace_all_uses_with ---------------------------------------------------------------------------
+def test_replace_output_by_internal_value_renames_it_to_the_output_name():
+    graph = Graph("g")
+    x = _input(graph, "x")
+    neg = graph.add_node("Neg", [x], name="neg")
+    ident = graph.add_node("Identity", [neg.output], [graph.make_value("y", np.float32, (2, 3))])
+    graph.outputs = [ident.output]
+
+    ident.output.replace_all_uses_with(neg.output)
+    graph.remove_node(ident)
+
+    assert [v.name for v in graph.outputs] == ["y"]
+    assert graph.outputs[0] is neg.output
+    model = Model(graph)
+    ir.check_model(model)
+    feed = np.arange(6, dtype=np.float32).reshape(2, 3)
+    (out,) = run_onnx(ir.to_onnx(model), {"x": feed})
+    np.testing.assert_array_equal(out, -feed)
+
+
+def test_replace_output_by_graph_input_bridges_with_identity():
+    """A graph input cannot take the output's name: an Identity keeps both names."""
+    graph = Graph("g")
+    x = _input(graph, "x")
+    relu = graph.add_node("Relu", [x], [graph.make_value("y", np.float32, (2, 3))])
+    graph.outputs = [relu.output]
+
+    relu.output.replace_all_uses_with(x)
+    graph.remove_node(relu)
+
+    assert [v.name for v in graph.inputs] == ["x"]
+    assert [v.name for v in graph.outputs] == ["y"]
+    assert graph.outputs[0].producer.op_type == "Identity"
+    feed = np.full((2, 3), -1.0, np.float32)
+    (out,) = run_onnx(ir.to_onnx(Model(graph)), {"x": feed})
+    np.testing.assert_array_equal(out, feed)
+
+
+def test_replace_all_uses_updates_every_reader():
+    graph, x, z, relu, add = _two_input_graph()
+    relu.output.replace_all_uses_with(z)
+    assert add.inputs == (z, z)
+    assert relu.output.uses() == []
+    graph.remove_node(relu)
+    ir.check_graph(graph)
+
+
+# -- removal ---------------------------------------------------------------------------------------
+def test_remove_node_refuses_to_leave_readers_or_outputs_undefined():
+    graph, x, z, relu, add = _two_input_graph()
     with pytest.raises(GraphError, match="undefined"):
-        graph.remove_node(a.producer)
+        graph.remove_node(relu)  # add still reads relu's output
+    with pytest.raises(GraphError, match="undefined"):
+        graph.remove_node(add)  # add's output is the graph output
+    stranger = ir.Node("Relu", [x], [ir.Value("w")])
+    with pytest.raises(GraphError, match="not in graph"):
+        graph.remove_node(stranger)
+    ir.check_graph(graph)  # a refused removal changes nothing
+    assert relu.output.producer is relu and add.output.producer is add
 
 
-def test_toposort_restores_order_and_detects_cycles():
-    graph, x, a, b = _chain()
-    graph.nodes.reverse()
-    assert [n.name for n in graph.toposort().nodes] == ["a", "b"]
-    a.producer.set_input(0, b)
+def test_remove_node_detaches_its_inputs():
+    graph, x, z, relu, add = _two_input_graph()
+    extra = graph.add_node("Neg", [x], name="neg")
+    graph.remove_node(extra)
+    assert x.uses() == [(relu, 0)]
+    assert extra not in graph.nodes and extra.graph is None
+
+
+# -- ordering ---------------------------------------------------------------------------------------
+def _chain_graph(length=12):
+    graph = Graph("chain")
+    value = _input(graph, "x")
+    first = value
+    for index in range(length):
+        # Each node reads the previous value and the graph input: a chain with extra edges.
+        value = graph.add_node("Add", [value, first], name=f"n{index}").output
+    graph.outputs = [value]
+    return graph
+
+
+def test_toposort_orders_shuffled_nodes_and_is_stable():
+    graph = _chain_graph()
+    expected = [n.name for n in graph.nodes]
+    graph.toposort()
+    assert [n.name for n in graph.nodes] == expected  # already sorted: unchanged
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        rng.shuffle(graph.nodes)
+        assert graph.toposort() is graph
+        assert [n.name for n in graph.nodes] == expected
+
+
+def test_toposort_detects_a_cycle():
+    graph = Graph("cycle")
+    x = _input(graph, "x")
+    a = graph.make_value("a")
+    b = graph.make_value("b")
+    graph.add_node("Add", [x, b], [a], name="first")
+    graph.add_node("Relu", [a], [b], name="second")
+    graph.outputs = [b]
     with pytest.raises(GraphError, match="cycle"):
         graph.toposort()
+    with pytest.raises(GraphError, match="cycle"):
+        ir.check_graph(graph)
 
 
-def _if_model():
-    """y = If(cond) then (x + c) else (x - c), where x and c live in the outer graph."""
-    then_graph = helper.make_graph([helper.make_node("Add", ["x", "c"], ["t"])], "then", [],
-                                   [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2])])
-    else_graph = helper.make_graph([helper.make_node("Sub", ["x", "c"], ["e"])], "else", [],
-                                   [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2])])
-    nodes = [
-        helper.make_node("Relu", ["x0"], ["x"]),
-        helper.make_node("Neg", ["x0"], ["unused"]),
-        helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph),
-    ]
-    graph = helper.make_graph(
-        nodes, "main",
-        [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [2]),
-         helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
-        [onnx.numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "c")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+# -- subgraphs ---------------------------------------------------------------------------------------
+def _if_reading_outer_value():
+    """w = Neg(x); dead = Relu(x); y = If(cond, then: Identity(w), else: Identity(x))."""
+    graph = Graph("main")
+    x = _input(graph, "x")
+    cond = graph.add_input(graph.make_value("cond", np.bool_, ()))
+    neg = graph.add_node("Neg", [x], name="neg")
+    dead = graph.add_node("Relu", [x], name="dead")
+    if_node = graph.add_node("If", [cond], [graph.make_value("y", np.float32, (2, 3))], name="if")
+    branches = {}
+    for branch, source in (("then_branch", neg.output), ("else_branch", x)):
+        sub = Graph(branch, parent=if_node)
+        inner = sub.add_node("Identity", [source], [sub.make_value(f"{branch}_out", np.float32,
+                                                                   (2, 3))])
+        sub.outputs = [inner.output]
+        if_node.attrs[branch] = sub
+        branches[branch] = inner
+    graph.outputs = [if_node.output]
+    return Model(graph), neg, dead, if_node, branches
 
 
-def test_subgraph_reads_are_uses_and_survive_dead_code_elimination():
-    model = ir.load_model(_if_model())
+def test_subgraph_reads_are_uses_and_captured_values():
+    model, neg, dead, if_node, branches = _if_reading_outer_value()
+    assert neg.output.uses() == [(branches["then_branch"], 0)]
+    captured = if_node.captured_values()
+    assert {v.name for v in captured} == {"x", neg.output.name}
+    assert {v.name for v in if_node.all_inputs()} == {"cond", "x", neg.output.name}
+    with pytest.raises(GraphError):
+        model.graph.remove_node(neg)  # still read inside the then-branch
+    ir.check_model(model)
+
+
+def test_toposort_and_dead_code_respect_captured_values():
+    model, neg, dead, if_node, branches = _if_reading_outer_value()
     graph = model.graph
-    x = graph.values()["x"]
-    if_node = graph.nodes_of("If")[0]
-    assert {n.op_type for n in x.consumers()} == {"Add", "Sub"}
-    assert {v.name for v in if_node.captured_values()} == {"x", "c"}
-    PassManager(build_pipeline("eliminate-dead-code")).run(model)
-    assert [n.op_type for n in graph.nodes] == ["Relu", "If"]
+    graph.nodes = [if_node, dead, neg]  # the If before the producer of the value it captures
+    graph.toposort()
+    assert graph.nodes.index(neg) < graph.nodes.index(if_node)
+
+    result = EliminateDeadCode().run(model, PassContext())
+    assert result.changed
+    assert [n.name for n in graph.nodes] == ["neg", "if"]  # the unread Relu went, Neg stayed
+
+    feed = np.arange(6, dtype=np.float32).reshape(2, 3)
     proto = ir.to_onnx(model)
-    x0 = np.array([-1.0, 3.0], np.float32)
-    for cond, expected in ((True, [1.0, 5.0]), (False, [-1.0, 1.0])):
-        out = run_onnx(proto, {"x0": x0, "cond": np.array(cond)})[0]
-        np.testing.assert_allclose(out, expected)
+    for cond, expected in ((True, -feed), (False, feed)):
+        (out,) = run_onnx(proto, {"x": feed, "cond": np.array(cond)})
+        np.testing.assert_array_equal(out, expected)
 
 
-def test_model_fields_round_trip():
-    original = conv_bn_relu_gemm()
-    original.doc_string = "doc"
-    original.producer_name = "tests"
-    original.functions.append(helper.make_function(
-        "custom", "Twice", ["a"], ["b"], [helper.make_node("Add", ["a", "a"], ["b"])],
-        [helper.make_opsetid("", 17)]))
-    original.opset_import.append(helper.make_opsetid("custom", 1))
-    proto = ir.to_onnx(ir.load_model(original))
-    assert proto.doc_string == "doc" and proto.producer_name == "tests"
-    assert {p.key: p.value for p in proto.metadata_props} == {"author": "tests",
-                                                              "purpose": "round trip"}
-    assert [f.name for f in proto.functions] == ["Twice"]
-    assert {(o.domain, o.version) for o in proto.opset_import} == {("", 17), ("custom", 1)}
-
-
-@pytest.mark.parametrize("data, fragment", [
-    (b"", "empty file"),
-    (b"\x08\x07garbage that is not protobuf \xff\xff", "not"),
-])
-def test_bad_bytes_are_load_errors(data, fragment):
-    with pytest.raises(ir.ModelLoadError, match=fragment):
-        ir.load_model(data)
-
-
-def test_missing_file_is_a_load_error(tmp_path):
-    with pytest.raises(ir.ModelLoadError, match="not found"):
-        ir.load_model(tmp_path / "missing.onnx")
-
-
-def test_initializer_inputs_become_constants():
-    model = conv_bn_relu_gemm()
-    model.ir_version = 3
-    model.graph.input.extend([helper.make_tensor_value_info("w", TensorProto.FLOAT, [8, 3, 3, 3])])
-    loaded = ir.load_model(model)
-    assert [v.name for v in loaded.graph.inputs] == ["x"]
-    assert loaded.graph.initializers["w"].is_constant
-    assert ir.to_onnx(loaded).ir_version >= 4
+def test_names_are_unique_across_subgraphs():
+    model, neg, dead, if_node, branches = _if_reading_outer_value()
+    sub = if_node.attrs["then_branch"]
+    fresh = sub.make_value("x")  # "x" is taken by the root graph's input
+    assert fresh.name != "x"
+    with pytest.raises(GraphError, match="duplicate"):
+        sub.claim_name("cond")

@@ -1,0 +1,106 @@
+"""Our own TVM kernels: block-sparse (BSR) and dense fp32 matmul/1x1-conv kernels as TVMScript,
+the cost model that picks between them, and `dispatch`, the hook `backends.tvm.lower` calls.
+
+    bsr.py     dense weight -> BSR; the BSR kernel (K-major activations, register tiles)
+    dense.py   our dense kernel in the same schedule style (the fair baseline)
+    choice.py  formats per sparsity pattern, break-even densities per target, Relax emitters
+
+`dispatch(ctx, node)` handles MatMul (constant 2-D weight), Gemm (transA=0, constant B, bias
+broadcast along N) and 1x1 Conv (stride 1, no padding, group 1) in float32, when the weight's
+`meta["sparsity"]` makes the BSR kernel the faster choice. It returns None (dense lowering) in
+every other case. The decision is written into `ctx.weight_meta[weight]["kernel"]`, which the
+backend reports per layer (manifest `weight_meta`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .bsr import BSR, to_bsr, bsr_matmul_kn, cpu_schedule
+from .choice import (BREAK_EVEN_DENSITY, KernelChoice, choose_kernel, emit_sparse_conv1x1,
+                     emit_sparse_matmul, kernel_choice, storage_format, target_family)
+from .dense import dense_matmul_kn
+
+__all__ = ["dispatch", "choose_kernel", "kernel_choice", "emit_sparse_matmul",
+           "emit_sparse_conv1x1", "storage_format", "target_family", "BREAK_EVEN_DENSITY",
+           "KernelChoice", "BSR", "to_bsr", "bsr_matmul_kn", "dense_matmul_kn", "cpu_schedule"]
+
+
+def _target_of(ctx):
+    """The lowering target as a dict or tvm Target (host CPU when the context has none)."""
+    target = getattr(ctx, "target", None)
+    if target is not None and hasattr(target, "config"):       # backends.tvm.targets.TargetSpec
+        return target.config
+    return target
+
+
+def _weight_and_bias(ctx, node):
+    """(W[N, K] out x in, bias[N] or None, kind) of a supported node, else None."""
+    w_value = node.input(1)
+    if not ctx.is_known(w_value) or str(np.dtype(w_value.dtype)) != "float32":
+        return None
+    w = np.asarray(ctx.const(w_value), np.float32)
+    x_shape = ctx.shape(node.inputs[0])
+    if node.op_type == "MatMul":
+        if w.ndim != 2 or len(x_shape) < 2:
+            return None
+        return w.T, None, "matmul"
+    if node.op_type == "Gemm":
+        if node.attr("transA", 0) or w.ndim != 2:
+            return None
+        weight = (w if node.attr("transB", 0) else w.T) * float(node.attr("alpha", 1.0))
+        c = node.input(2)
+        bias = None
+        if c is not None and float(node.attr("beta", 1.0)) != 0.0:
+            if not ctx.is_known(c):
+                return None
+            c_array = np.asarray(ctx.const(c), np.float32)
+            n = weight.shape[0]
+            if c_array.size not in (1, n) or (c_array.ndim == 2 and c_array.shape[0] != 1):
+                return None                               # a bias varying along M: not fused
+            bias = np.broadcast_to(c_array.reshape(-1), (n,)) * float(node.attr("beta", 1.0))
+        return weight, bias, "matmul"
+    if node.op_type == "Conv":
+        if w.ndim != 4 or tuple(w.shape[2:]) != (1, 1) or len(x_shape) != 4:
+            return None
+        if int(node.attr("group", 1)) != 1 or any(s != 1 for s in node.attr("strides", [1, 1])):
+            return None
+        if any(p != 0 for p in node.attr("pads", [0, 0, 0, 0])) or \
+                node.attr("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET", "VALID", b"VALID"):
+            return None
+        b = node.input(2)
+        if b is not None and not ctx.is_known(b):
+            return None
+        bias = None if b is None else np.asarray(ctx.const(b), np.float32)
+        return w.reshape(w.shape[0], -1), bias, "conv1x1"
+    return None
+
+
+def dispatch(ctx, node):
+    """Lower `node` with our BSR kernel when its weight's sparsity pays (see module doc);
+    None lets `backends.tvm.lower` use the dense lowering."""
+    w_value = node.input(1)
+    meta = ctx.weight_meta_of(w_value)
+    if "sparsity" not in meta or str(np.dtype(node.output.dtype)) != "float32":
+        return None
+    found = _weight_and_bias(ctx, node)
+    if found is None:
+        _record(ctx, w_value, {"kernel": "dense", "reason": f"{node.op_type} form not handled "
+                                                           f"by the BSR kernel"})
+        return None
+    weight, bias, kind = found
+    target = _target_of(ctx)
+    choice = kernel_choice(meta, weight, target)
+    _record(ctx, w_value, dict(choice.as_dict(), node=node.name))
+    if choice.kernel != "bsr":
+        return None
+    name = "".join(ch if ch.isalnum() else "_" for ch in (node.name or node.op_type))
+    emit = emit_sparse_matmul if kind == "matmul" else emit_sparse_conv1x1
+    return emit(ctx.bb, ctx.expr(node.inputs[0]), weight, bias, meta, target, name=name,
+                make_param=ctx.param)
+
+
+def _record(ctx, w_value, info: dict) -> None:
+    table = getattr(ctx, "weight_meta", None)
+    if isinstance(table, dict):
+        table.setdefault(w_value.name, {})["kernel"] = info

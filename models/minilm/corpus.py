@@ -1,0 +1,132 @@
+"""Calibration text for MiniLM from English prose that ships with the installed packages (offline).
+
+Data-aware compression (Wanda, SparseGPT, quantization ranges) estimates each layer's input
+statistics from calibration tokens. A layer with K inputs needs well over K tokens for its
+Hessian E[x x^T] to have full rank (MiniLM's FFN-down has K = 1536), so a few dozen sentences
+are not enough. This module gathers a few hundred passages of real English:
+
+- `pydoc_data.topics` (the Python reference manual's prose, ~450 KB, part of the stdlib),
+- the dataset descriptions `sklearn/datasets/descr/*.rst` (when scikit-learn is installed),
+- the docstrings of the stdlib's top-level modules (read with `ast`, nothing is imported),
+- `evaluate.CALIBRATION_SENTENCES` (everyday sentences, written for this project).
+
+Paragraphs are kept when they read as prose (no indented code, mostly letters), split into
+sentences, and the sentences of one source document are packed, in order, into passages of about
+`words` words, so that a passage fills a 128-token sequence with little padding. Everything is
+deterministic (sorted sources, no randomness). None of it overlaps the evaluation sentences
+(`evaluate.EVAL_SENTENCES` / `RANKING_TRIPLES`), which `calibration_passages` checks.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+
+__all__ = ["prose_documents", "calibration_passages"]
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\"'])")
+# Lines that are code, reST markup or headings rather than prose; list markers are stripped.
+_MARKUP = re.compile(r"^(\s|[*=\-~^#+|.:]{3,}|\.\. |>>>)")
+_LIST_MARKER = re.compile(r"^([-*]|\d+\.)\s+")
+
+
+def _prose_paragraphs(text: str) -> list[str]:
+    """Paragraphs of running text: no indented/code lines, mostly letters, at least 12 words."""
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", text):
+        lines = block.splitlines()
+        if not lines or any(_MARKUP.match(line) for line in lines):
+            continue
+        paragraph = " ".join(_LIST_MARKER.sub("", line.strip()) for line in lines)
+        letters = sum(ch.isalpha() or ch == " " for ch in paragraph)
+        if len(paragraph.split()) >= 12 and letters >= 0.85 * len(paragraph) \
+                and "::" not in paragraph:
+            paragraphs.append(paragraph)
+    return paragraphs
+
+
+@lru_cache(maxsize=None)
+def prose_documents() -> tuple[tuple[str, ...], ...]:
+    """Each source document as a tuple of its prose sentences, in a fixed order."""
+    documents = []
+    from pydoc_data.topics import topics
+    for key in sorted(topics):
+        documents.append(topics[key])
+    try:
+        import sklearn.datasets
+        descr = Path(sklearn.datasets.__file__).parent / "descr"
+        for path in sorted(descr.glob("*.rst")):
+            documents.append(path.read_text(encoding="utf-8", errors="replace"))
+    except ImportError:  # scikit-learn is optional: the stdlib text alone is ~1500 sentences
+        pass
+    documents.extend(_stdlib_docstrings())
+    result = []
+    for text in documents:
+        sentences = [s.strip() for p in _prose_paragraphs(text) for s in _SENTENCE_END.split(p)]
+        sentences = [s for s in sentences if len(s.split()) >= 4]
+        if sentences:
+            result.append(tuple(sentences))
+    return tuple(result)
+
+
+def _stdlib_docstrings() -> list[str]:
+    """Per top-level stdlib module (sorted by name): its module, class and function docstrings."""
+    import ast
+    import sysconfig
+
+    texts = []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("[a-z]*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        nodes = [tree] + [n for n in ast.walk(tree)
+                          if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        docs = [ast.get_docstring(n) for n in nodes]
+        texts.append("\n\n".join(d for d in docs if d))
+    return texts
+
+
+def _pack(sentences, words: int) -> list[str]:
+    """Consecutive sentences joined into passages of at least `words` words (the last may be
+    shorter)."""
+    passages, current, count = [], [], 0
+    for sentence in sentences:
+        current.append(sentence)
+        count += len(sentence.split())
+        if count >= words:
+            passages.append(" ".join(current))
+            current, count = [], 0
+    if current:
+        passages.append(" ".join(current))
+    return passages
+
+
+def calibration_passages(n: int, words: int = 110) -> list[str]:
+    """`n` calibration texts: the project's CALIBRATION_SENTENCES interleaved (one in eight) with
+    prose passages of about `words` words (~`words` x 1.3 tokens); raises ValueError when the
+    corpus has fewer than `n` texts.
+
+    Passages are taken round-robin over the documents (first passage of every document, then the
+    second, ...) so that a small `n` still spans many topics.
+    """
+    from .evaluate import CALIBRATION_SENTENCES, EVAL_SENTENCES, RANKING_TRIPLES
+
+    per_document = [_pack(sentences, words) for sentences in prose_documents()]
+    prose = [doc[i] for i in range(max(map(len, per_document))) for doc in per_document
+             if i < len(doc)]
+    everyday = list(CALIBRATION_SENTENCES)
+    texts = []
+    while len(texts) < n and (prose or everyday):
+        if everyday and (len(texts) % 8 == 0 or not prose):
+            texts.append(everyday.pop(0))
+        else:
+            texts.append(prose.pop(0))
+    if len(texts) < n:
+        raise ValueError(f"the calibration corpus has {len(texts)} texts, {n} requested")
+    held_out = set(EVAL_SENTENCES) | {s for triple in RANKING_TRIPLES for s in triple}
+    leaked = [s for s in held_out if any(s in text for text in texts)]
+    if leaked:  # cannot happen with the shipped sources; guards future edits of the lists
+        raise AssertionError(f"calibration text contains evaluation sentences: {leaked[:2]}")
+    return texts

@@ -1,0 +1,203 @@
+"""prune-channels and show-groups: structured channel pruning over dependency groups."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ir import Model, graph_cost, infer_shapes
+
+from ..calibration import capture
+from ..core import Option, Pass, PassContext, PassResult, register_pass
+from .apply import remove_channels
+from .groups import ChannelGroup, analyze_groups
+from .reconstruct import reconstruct_consumers
+
+__all__ = ["PruneChannels", "ShowGroups", "channel_importance", "kept_counts"]
+
+CRITERIA = ("l1", "l2", "bn_scale", "mean_abs_act", "apoz")
+
+
+def _weight_norms(group: ChannelGroup, order: int) -> np.ndarray:
+    """Per-channel norm of every source weight slice, each normalized to mean 1, summed."""
+    total = np.zeros(group.size)
+    for action in group.sources:
+        weight = np.moveaxis(action.value.const.astype(np.float64), action.axis, 0)
+        flat = np.abs(weight.reshape(group.size, -1))
+        norms = flat.sum(1) if order == 1 else np.sqrt((flat ** 2).sum(1))
+        total += norms / (norms.mean() + 1e-12)
+    return total
+
+
+def _bn_scale(group: ChannelGroup) -> np.ndarray | None:
+    scales = [np.abs(a.value.const.astype(np.float64)) for a in group.actions
+              if a.node is not None and a.node.op_type == "BatchNormalization"
+              and a.node.input(1) is a.value]
+    if not scales:
+        return None
+    return sum(s / (s.mean() + 1e-12) for s in scales)
+
+
+def _activation_stats(model: Model, groups: list[ChannelGroup], ctx: PassContext,
+                      criterion: str, samples: int) -> dict[int, np.ndarray]:
+    """Per-channel mean |activation| or fraction of zeros (APoZ) of each group's source outputs."""
+    outputs = {}
+    for group in groups:
+        for action in group.sources:
+            outputs[action.node.output.name] = (group.index, action.node.output)
+    if not outputs:
+        return {}
+    calibration = ctx.require_calibration(model)
+    captured = capture(model, list(outputs), calibration, limit=samples)
+    stats: dict[int, np.ndarray] = {}
+    for name, (index, value) in outputs.items():
+        axis = 1 if len(value.shape) > 2 or value.producer.op_type in ("Gemm", "Conv") else -1
+        arrays = [np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1) for a in captured[name]]
+        data = np.concatenate(arrays, axis=1)
+        if criterion == "apoz":
+            score = 1.0 - (data <= 0).mean(axis=1)  # more zeros -> less important
+        else:
+            score = np.abs(data).mean(axis=1)
+        score = score / (score.mean() + 1e-12)
+        stats[index] = stats.get(index, 0) + score
+    return stats
+
+
+def channel_importance(model: Model, groups: list[ChannelGroup], criterion: str,
+                       ctx: PassContext, samples: int = 64) -> dict[int, np.ndarray]:
+    """Importance of each channel of each prunable group (higher = keep)."""
+    if criterion in ("mean_abs_act", "apoz"):
+        stats = _activation_stats(model, groups, ctx, criterion, samples)
+        return {g.index: stats.get(g.index, _weight_norms(g, 1)) for g in groups}
+    scores = {}
+    for group in groups:
+        score = _bn_scale(group) if criterion == "bn_scale" else None
+        scores[group.index] = score if score is not None else _weight_norms(
+            group, 2 if criterion == "l2" else 1)
+    return scores
+
+
+def _round_kept(size: int, kept: float, round_to: int) -> int:
+    """Kept count rounded to a multiple of round_to, never zero, never above size."""
+    if size <= round_to:
+        return size
+    rounded = int(round(kept / round_to)) * round_to
+    return int(min(size, max(round_to, rounded)))
+
+
+def kept_counts(groups: list[ChannelGroup], scores: dict[int, np.ndarray], ratio: float,
+                schedule: str, round_to: int) -> dict[int, int]:
+    """How many channels each group keeps: the same fraction everywhere (uniform), or one
+    threshold over normalized importance across groups (global)."""
+    if schedule == "uniform":
+        return {g.index: _round_kept(g.size, g.size * (1 - ratio), round_to) for g in groups}
+    pooled = np.concatenate([scores[g.index] / (scores[g.index].mean() + 1e-12) for g in groups])
+    threshold = np.quantile(pooled, ratio) if len(pooled) else 0.0
+    counts = {}
+    for group in groups:
+        normalized = scores[group.index] / (scores[group.index].mean() + 1e-12)
+        counts[group.index] = _round_kept(group.size, float((normalized > threshold).sum()),
+                                          round_to)
+    return counts
+
+
+@register_pass
+class PruneChannels(Pass):
+    """Remove the least important channels of every prunable channel group (a group is the set
+    of tensor dims that must shrink together: producer weights, BatchNorm/bias parameters,
+    residual partners, consumer weights), making tensors, weights and MACs physically smaller.
+
+    Groups the dependency analysis cannot prove safe are left whole and reported. Kept counts are
+    rounded to a multiple of `round_to` and never reach zero. `target_macs` searches the ratio
+    that keeps at most that fraction of MACs. `reconstruct` refits each consumer layer by least
+    squares on calibration activations so its output matches the original model's.
+    """
+    name = "prune-channels"
+    requires_static_shapes = True
+    options = {
+        "ratio": Option(float, 0.3, "fraction of channels removed per group (uniform) or overall"),
+        "target_macs": Option(float, 0.0, "fraction of MACs to keep (overrides ratio when > 0)"),
+        "criterion": Option(str, "l1", "channel importance", choices=CRITERIA),
+        "schedule": Option(str, "uniform", "how ratios spread over groups",
+                           choices=("uniform", "global")),
+        "round_to": Option(int, 8, "kept channel counts are multiples of this"),
+        "reconstruct": Option(bool, False, "least-squares refit of consumer layers"),
+        "samples": Option(int, 64, "calibration samples for data-aware steps"),
+    }
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        if not 0 <= self.ratio < 1 or not 0 <= self.target_macs <= 1 or self.round_to < 1:
+            from ..core import OptionError
+            raise OptionError("prune-channels: need 0 <= ratio < 1, 0 <= target_macs <= 1, "
+                              "round_to >= 1")
+        groups = analyze_groups(model.graph)
+        prunable = [g for g in groups if g.prunable]
+        frozen = [g for g in groups if not g.prunable and g.sources]
+        scores = channel_importance(model, prunable, self.criterion, ctx, self.samples)
+        reference = self._reference(model) if self.reconstruct else None
+        macs_before = graph_cost(model.graph).macs
+        ratio = self._ratio_for_target(model, prunable, scores, macs_before)
+        counts = kept_counts(prunable, scores, ratio, self.schedule, self.round_to)
+        kept = {g.index: np.sort(np.argsort(-scores[g.index], kind="stable")[:counts[g.index]])
+                for g in prunable if counts[g.index] < g.size}
+        removed = remove_channels(model.graph, groups, kept)
+        infer_shapes(model)
+        details = {"ratio": ratio, "channels_removed": removed,
+                   "groups_pruned": len(kept), "groups_prunable": len(prunable),
+                   "frozen_groups": [{"channels": g.size, "reasons": sorted(set(g.frozen))[:3],
+                                      "members": g.describe()["members"][:4]} for g in frozen]}
+        notes = [f"pruned {len(kept)} of {len(prunable)} prunable groups "
+                 f"({removed} channels); {len(frozen)} groups frozen"]
+        if reference is not None and removed:
+            details["reconstructed"] = reconstruct_consumers(model, reference, groups, kept, ctx,
+                                                             self.samples)
+        return PassResult(changed=bool(removed), notes=notes, details=details)
+
+    def _reference(self, model: Model) -> Model:
+        from ir import from_onnx, to_onnx
+        return from_onnx(to_onnx(model))
+
+    def _ratio_for_target(self, model, prunable, scores, macs_before) -> float:
+        """Bisection on the ratio until the pruned model keeps <= target_macs of the MACs."""
+        if not self.target_macs or not prunable:
+            return self.ratio
+        from ir import from_onnx, to_onnx
+        low, high = 0.0, 0.95
+        for _ in range(12):
+            middle = (low + high) / 2
+            trial = from_onnx(to_onnx(model))
+            infer_shapes(trial)
+            trial_groups = analyze_groups(trial.graph)
+            trial_prunable = {g.index: g for g in trial_groups if g.prunable}
+            counts = kept_counts(list(trial_prunable.values()), scores, middle, self.schedule,
+                                 self.round_to)
+            kept = {i: np.arange(counts[i]) for i, g in trial_prunable.items()
+                    if counts[i] < g.size}
+            remove_channels(trial.graph, trial_groups, kept)
+            infer_shapes(trial)
+            if graph_cost(trial.graph).macs <= self.target_macs * macs_before:
+                high = middle
+            else:
+                low = middle
+        return high
+
+
+@register_pass
+class ShowGroups(Pass):
+    """Print the channel groups found by the dependency analysis: members, channel count,
+    whether each is prunable or frozen and why. Changes nothing."""
+    name = "show-groups"
+    requires_static_shapes = True
+    options = {"all": Option(bool, False, "also list groups without weights (pure activations)")}
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        groups = [g for g in analyze_groups(model.graph) if self.all or g.sources]
+        lines = []
+        for group in groups:
+            info = group.describe()
+            state = "prunable" if info["prunable"] else "frozen: " + "; ".join(info["frozen"][:2])
+            if info["derived"]:
+                state = "follows its Concat inputs"
+            lines.append(f"group {info['group']}: {info['channels']} channels, {state}; "
+                         f"{', '.join(info['members'][:6])}")
+        print("\n".join(lines))
+        return PassResult(changed=False, details={"groups": [g.describe() for g in groups]})

@@ -1,0 +1,188 @@
+"""Our BSR and dense kernels against numpy, at awkward shapes (nothing a multiple of the block or
+of the register tile) and densities 0.05..0.5, and the dispatch hook through the real lowering
+against onnxruntime.
+
+Tolerance: 1e-4 relative + 1e-4 absolute (float32 sums of up to a few hundred terms in another
+order than numpy's)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import helper
+
+tvm = pytest.importorskip("tvm")
+
+import ir  # noqa: E402
+from backends.tvm.kernels import (BSR, choose_kernel, dense_matmul_kn,  # noqa: E402
+                                  kernel_choice, storage_format, to_bsr)
+from backends.tvm.kernels.bsr import CpuSchedule, bsr_matmul_kn, cpu_schedule  # noqa: E402
+from passes.api import compress  # noqa: E402
+
+from .conftest import make_model, ort_run  # noqa: E402
+
+F = np.float32
+HOST = {"kind": "llvm"}
+
+
+def _block_sparse(rng, n, k, block, density):
+    r, c = block
+    nb, kb = -(-n // r), -(-k // c)
+    keep = rng.random((nb, kb)) < density
+    mask = np.repeat(np.repeat(keep, r, 0), c, 1)[:n, :k]
+    return (rng.standard_normal((n, k)) * mask).astype(F)
+
+
+def _run(func, *arrays, out_shape):
+    lib = tvm.compile(tvm.IRModule({"main": func}), tvm.target.Target(HOST))
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
+    out = tvm.runtime.tensor(np.zeros(out_shape, F))
+    lib["main"](*args, out)
+    return out.numpy()
+
+
+@pytest.mark.parametrize("block", [(4, 1), (1, 1), (3, 5), (8, 4)])
+def test_to_bsr_round_trip_keeps_block_density(block):
+    rng = np.random.default_rng(1)
+    w = _block_sparse(rng, 30, 23, block, 0.3)
+    bsr = to_bsr(w, block)
+    assert np.array_equal(bsr.to_dense(), w)
+    assert bsr.indptr[-1] == bsr.nnz_blocks and np.all(np.diff(bsr.indptr) >= 0)
+    r, c = block
+    expected = np.count_nonzero(
+        np.pad(w, ((0, -30 % r), (0, -23 % c))).reshape(-(-30 // r), r, -(-23 // c), c)
+        .any(axis=(1, 3))) / (-(-30 // r) * -(-23 // c))
+    assert bsr.block_density == pytest.approx(expected)
+
+
+def test_to_bsr_all_zero_weight():
+    bsr = to_bsr(np.zeros((5, 7), F), (4, 1))
+    assert bsr.indptr.tolist() == [0, 0, 0] and np.array_equal(bsr.to_dense(), np.zeros((5, 7)))
+
+
+# (N, K, P, batch, block, density, tile_p): awkward everywhere, then the register tile edge cases
+BSR_CASES = [
+    (37, 29, 13, 1, (4, 1), 0.3, None),
+    (50, 33, 20, 2, (3, 5), 0.5, None),
+    (64, 48, 17, 1, (8, 4), 0.05, None),
+    (19, 11, 7, 1, (1, 1), 0.2, None),
+    (96, 64, 40, 1, (16, 1), 0.1, 16),
+    (33, 40, 1, 1, (4, 2), 0.4, None),
+]
+
+
+@pytest.mark.parametrize("n,k,p,batch,block,density,tile_p", BSR_CASES)
+@pytest.mark.parametrize("relu", [False, True])
+def test_bsr_kernel_matches_numpy(n, k, p, batch, block, density, tile_p, relu):
+    rng = np.random.default_rng(n * 1000 + k)
+    w = _block_sparse(rng, n, k, block, density)
+    x = rng.standard_normal((batch, k, p)).astype(F)
+    bias = rng.standard_normal(n).astype(F)
+    bsr = to_bsr(w, block)
+    func = bsr_matmul_kn(bsr, batch, p, relu=relu, schedule=CpuSchedule(8, 16, tile_p))
+    y = _run(func, x, bsr.data, bsr.indices, bsr.indptr, bias, out_shape=(batch, n, p))
+    ref = np.einsum("nk,bkp->bnp", w, x) + bias[:, None]
+    if relu:
+        ref = np.maximum(ref, 0)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n,k,p,rows", [(37, 29, 13, 4), (16, 8, 24, 4), (5, 3, 2, 8)])
+def test_dense_kernel_matches_numpy(n, k, p, rows):
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((n, k)).astype(F)
+    x = rng.standard_normal((1, k, p)).astype(F)
+    bias = rng.standard_normal(n).astype(F)
+    y = _run(dense_matmul_kn(n, k, 1, p, rows=rows, relu=True), x, w, bias, out_shape=(1, n, p))
+    np.testing.assert_allclose(y, np.maximum(w @ x[0] + bias[:, None], 0)[None],
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_schedule_per_target():
+    assert cpu_schedule({"kind": "llvm", "mtriple": "aarch64-linux-gnu",
+                         "mcpu": "cortex-a72"}).lanes == 4
+    assert cpu_schedule({"kind": "llvm", "mcpu": "core-avx2"}).lanes == 8
+    assert cpu_schedule({"kind": "llvm", "mcpu": "skylake-avx512"}).lanes == 16
+    # R x vectors accumulators fit in half the registers
+    assert CpuSchedule(8, 16).tile_for(4, 128) == 16
+    assert CpuSchedule(4, 32).tile_for(4, 128) == 16
+    assert CpuSchedule(8, 16).tile_for(16, 128) == 8
+
+
+def test_formats_and_choice():
+    assert storage_format({"sparsity": {"pattern": "block", "block": [4, 1]}})[:2] == \
+        ("bsr", (4, 1))
+    assert storage_format({"sparsity": {"pattern": "unstructured"}})[:2] == ("bsr", (1, 1))
+    assert storage_format({"sparsity": {"pattern": "n:m", "n": 2, "m": 4}})[0] == "dense"
+    rng = np.random.default_rng(3)
+    meta = {"sparsity": {"pattern": "block", "block": [4, 1]}}
+    sparse = _block_sparse(rng, 64, 32, (4, 1), 0.1)
+    dense = _block_sparse(rng, 64, 32, (4, 1), 0.9)
+    assert choose_kernel(meta, sparse.shape, HOST, sparse) == "bsr"
+    assert choose_kernel(meta, dense.shape, HOST, dense) == "dense"
+    assert choose_kernel(meta, sparse.shape, {"kind": "cuda"}, sparse) == "dense"
+    # without the array, the recorded density decides
+    assert kernel_choice({"sparsity": {"pattern": "block", "block": [4, 1], "density": 0.1}},
+                         None, HOST).kernel == "bsr"
+
+
+# -- through the lowering: the hook backends.tvm.lower calls ------------------------------------
+def _lower_and_run(proto, feeds, sparsity: dict):
+    from tvm import relax
+
+    from backends.tvm.build import build_module
+    from backends.tvm.lower import lower_model
+    from backends.tvm.targets import parse_target
+
+    model = ir.load_model(proto)
+    compress(model, "cleanup")
+    for name, info in sparsity.items():
+        model.graph.initializers[name].meta["sparsity"] = info
+    lowered = lower_model(model)
+    executable, _ = build_module(lowered, parse_target("host"))
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    args = [tvm.runtime.tensor(feeds[name]) for name, _, _ in lowered.inputs]
+    args += [tvm.runtime.tensor(lowered.params[n]) for n in lowered.param_names]
+    return [r.numpy() for r in vm["main"](*args)], lowered
+
+
+def test_dispatch_matmul_and_gemm_match_onnxruntime():
+    rng = np.random.default_rng(5)
+    w = _block_sparse(rng, 70, 40, (1, 4), 0.2).T.copy()             # MatMul weight [K, N]
+    w2 = (rng.standard_normal((24, 70)) * (rng.random((24, 70)) < 0.1)).astype(F)
+    proto = make_model(
+        [helper.make_node("MatMul", ["a", "w"], ["y"]),
+         helper.make_node("Reshape", ["y", "s"], ["y2"]),
+         helper.make_node("Gemm", ["y2", "w2", "c"], ["z"], transB=1, alpha=0.5, beta=2.0)],
+        [("a", F, [2, 3, 40])], [("z", F, None)],
+        {"w": w, "s": np.array([6, 70]), "w2": w2, "c": rng.standard_normal(24).astype(F)})
+    feeds = {"a": rng.standard_normal((2, 3, 40)).astype(F)}
+    (out,), lowered = _lower_and_run(proto, feeds, {
+        "w": {"pattern": "block", "block": [1, 4], "density": 0.2},
+        "w2": {"pattern": "unstructured", "density": 0.1}})
+    np.testing.assert_allclose(out, ort_run(proto, feeds)[0], rtol=1e-4, atol=1e-4)
+    assert lowered.weight_meta["w"]["kernel"]["kernel"] == "bsr"
+    assert lowered.weight_meta["w2"]["kernel"]["format"] == "bsr 1x1"
+    assert any(n.endswith("_bsr_indptr") for n in lowered.param_names)
+
+
+def test_dispatch_conv1x1_and_dense_fallback():
+    rng = np.random.default_rng(6)
+    w = _block_sparse(rng, 22, 12, (4, 1), 0.2).reshape(22, 12, 1, 1)
+    w3 = rng.standard_normal((5, 22, 3, 3)).astype(F)                # 3x3: dense lowering
+    proto = make_model(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"]),
+         helper.make_node("Conv", ["y", "w3"], ["z"], pads=[1, 1, 1, 1])],
+        [("x", F, [1, 12, 5, 7])], [("z", F, None)],
+        {"w": w, "b": rng.standard_normal(22).astype(F), "w3": w3})
+    feeds = {"x": rng.standard_normal((1, 12, 5, 7)).astype(F)}
+    (out,), lowered = _lower_and_run(proto, feeds, {
+        "w": {"pattern": "block", "block": [4, 1], "density": 0.2},
+        "w3": {"pattern": "unstructured", "density": 0.5}})
+    np.testing.assert_allclose(out, ort_run(proto, feeds)[0], rtol=1e-4, atol=1e-4)
+    assert lowered.weight_meta["w"]["kernel"]["kernel"] == "bsr"
+    assert lowered.weight_meta["w3"]["kernel"]["kernel"] == "dense"
+
+
+def test_bsr_type_is_exported():
+    assert BSR is to_bsr(np.eye(4, dtype=F), (2, 2)).__class__
