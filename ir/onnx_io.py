@@ -59,8 +59,9 @@ def load_model(source) -> Model:
     proto = _parse_model(path.read_bytes(), str(path))
     try:
         onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: cannot read external weights: {exc}") from None
+    except Exception as exc:  # OSError, ValueError, or onnx's ValidationError for a missing file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{path}: cannot read external weights: {reason}") from None
     return from_onnx(proto)
 
 
@@ -125,11 +126,22 @@ def _import_graph(proto: onnx.GraphProto, outer: dict[str, Value], parent: Node 
     graph = Graph(proto.name or "graph", parent=parent)
     graph.doc_string = proto.doc_string
     scope = dict(outer)
+    local: set[str] = set()
 
     def define(value: Value) -> Value:
-        graph.claim_name(value.name)
+        name = value.name
+        if name in local:
+            raise GraphError(f"duplicate value name {name!r}")
+        local.add(name)
+        if not root and name in graph.root._names:
+            # ONNX lets sibling subgraphs (then/else branches, two Loop bodies) reuse a name,
+            # but the IR keeps names unique model-wide. A subgraph's values are reached only
+            # through this scope or by position (body inputs/outputs), so renaming is safe.
+            value.name = graph.unique_name(name)
+        else:
+            graph.claim_name(name)
         value.graph = graph
-        scope[value.name] = value
+        scope[name] = value
         return value
 
     for tensor in proto.initializer:

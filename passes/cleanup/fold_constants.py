@@ -49,7 +49,10 @@ class FoldConstants(Pass):
         if node.op_type in ("Shape", "Size"):
             return self._fold_shape(node)
         if node.op_type == "Constant":
-            return [_constant_value(node)]
+            try:
+                return [_constant_value(node)]
+            except NotEvaluable:
+                pass  # e.g. sparse_value: the evaluator below densifies it
         if not all(v is None or v.is_constant for v in node.inputs):
             return None
         if node.op_type == "ConstantOfShape":

@@ -48,8 +48,12 @@ def remove_channels(graph: Graph, groups: list[ChannelGroup], kept: dict[int, np
             slices[id(action.value)] = (value, axes)
         for node in group.depthwise:
             node.attrs["group"] = int(len(indices))
-        for node in group.reshapes:  # [N, C*H*W] -> [N, -1]: the same for any C
-            target = np.array([node.output.shape[0], -1], dtype=np.int64)
+        for node, axis in group.reshapes:
+            # The pruned axis becomes -1 ([N, -1] after Flatten, [B, S, -1, 32] for heads): the
+            # same target then fits any kept count. Each node gets its own constant because
+            # layers often share one shape initializer.
+            target = np.array(node.output.shape, dtype=np.int64)
+            target[axis] = -1
             node.set_input(1, graph.add_constant(node.name + "_shape", target))
     for value, axes in slices.values():
         array = value.const

@@ -43,15 +43,18 @@ def _activation_stats(model: Model, groups: list[ChannelGroup], ctx: PassContext
     outputs = {}
     for group in groups:
         for action in group.sources:
-            outputs[action.node.output.name] = (group.index, action.node.output)
+            outputs[action.node.output.name] = (group, action.node.output)
     if not outputs:
         return {}
     calibration = ctx.require_calibration(model)
     captured = capture(model, list(outputs), calibration, limit=samples)
     stats: dict[int, np.ndarray] = {}
-    for name, (index, value) in outputs.items():
-        axis = 1 if len(value.shape) > 2 or value.producer.op_type in ("Gemm", "Conv") else -1
-        arrays = [np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1) for a in captured[name]]
+    for name, (group, value) in outputs.items():
+        index = group.index
+        axis = 1 if value.producer.op_type in ("Gemm", "Conv", "ConvTranspose") else -1
+        # A unit may own a span of the axis (an attention head owns head-size columns): the
+        # moved axis is split into [units, span] and the span joins the statistics.
+        arrays = [np.moveaxis(a, axis, 0).reshape(group.size, -1) for a in captured[name]]
         data = np.concatenate(arrays, axis=1)
         if criterion == "apoz":
             score = 1.0 - (data <= 0).mean(axis=1)  # more zeros -> less important
@@ -84,19 +87,36 @@ def _round_kept(size: int, kept: float, round_to: int) -> int:
     return int(min(size, max(round_to, rounded)))
 
 
+def _round_unit(group: ChannelGroup, round_to: int) -> int:
+    """Rounding step in units: a head owns unit_span channels, so kept heads x head size stays a
+    multiple of round_to with a much smaller step in heads (1 for 32-wide heads)."""
+    return max(1, round_to // np.gcd(round_to, group.unit_span))
+
+
 def kept_counts(groups: list[ChannelGroup], scores: dict[int, np.ndarray], ratio: float,
-                schedule: str, round_to: int) -> dict[int, int]:
-    """How many channels each group keeps: the same fraction everywhere (uniform), or one
-    threshold over normalized importance across groups (global)."""
-    if schedule == "uniform":
-        return {g.index: _round_kept(g.size, g.size * (1 - ratio), round_to) for g in groups}
-    pooled = np.concatenate([scores[g.index] / (scores[g.index].mean() + 1e-12) for g in groups])
-    threshold = np.quantile(pooled, ratio) if len(pooled) else 0.0
+                schedule: str, round_to: int, head_ratio: float | None = None,
+                ratios: dict[int, float] | None = None) -> dict[int, int]:
+    """How many channels each group keeps: the same fraction everywhere (uniform), one
+    threshold over normalized importance across groups (global), or per-group fractions from a
+    sensitivity scan (`ratios`). Attention-head groups use `head_ratio` when it is given."""
     counts = {}
-    for group in groups:
-        normalized = scores[group.index] / (scores[group.index].mean() + 1e-12)
-        counts[group.index] = _round_kept(group.size, float((normalized > threshold).sum()),
-                                          round_to)
+    heads = [g for g in groups if g.kind == "heads"] if head_ratio is not None else []
+    for group in heads:
+        counts[group.index] = _round_kept(group.size, group.size * (1 - head_ratio),
+                                          _round_unit(group, round_to))
+    rest = [g for g in groups if g.index not in counts]
+    if schedule == "global" and rest:
+        normalized = {g.index: scores[g.index] / (scores[g.index].mean() + 1e-12) for g in rest}
+        threshold = np.quantile(np.concatenate(list(normalized.values())), ratio)
+        for group in rest:
+            counts[group.index] = _round_kept(
+                group.size, float((normalized[group.index] > threshold).sum()),
+                _round_unit(group, round_to))
+        return counts
+    for group in rest:
+        group_ratio = ratios.get(group.index, ratio) if ratios else ratio
+        counts[group.index] = _round_kept(group.size, group.size * (1 - group_ratio),
+                                          _round_unit(group, round_to))
     return counts
 
 
@@ -119,6 +139,7 @@ class PruneChannels(Pass):
         "criterion": Option(str, "l1", "channel importance", choices=CRITERIA),
         "schedule": Option(str, "uniform", "how ratios spread over groups",
                            choices=("uniform", "global")),
+        "head_ratio": Option(float, -1.0, "fraction of attention heads removed (default: ratio)"),
         "round_to": Option(int, 8, "kept channel counts are multiples of this"),
         "reconstruct": Option(bool, False, "least-squares refit of consumer layers"),
         "samples": Option(int, 64, "calibration samples for data-aware steps"),
@@ -136,7 +157,8 @@ class PruneChannels(Pass):
         reference = self._reference(model) if self.reconstruct else None
         macs_before = graph_cost(model.graph).macs
         ratio = self._ratio_for_target(model, prunable, scores, macs_before)
-        counts = kept_counts(prunable, scores, ratio, self.schedule, self.round_to)
+        counts = kept_counts(prunable, scores, ratio, self.schedule, self.round_to,
+                             self._head_ratio())
         kept = {g.index: np.sort(np.argsort(-scores[g.index], kind="stable")[:counts[g.index]])
                 for g in prunable if counts[g.index] < g.size}
         removed = remove_channels(model.graph, groups, kept)
@@ -151,6 +173,9 @@ class PruneChannels(Pass):
             details["reconstructed"] = reconstruct_consumers(model, reference, groups, kept, ctx,
                                                              self.samples)
         return PassResult(changed=bool(removed), notes=notes, details=details)
+
+    def _head_ratio(self) -> float | None:
+        return self.head_ratio if self.head_ratio >= 0 else None
 
     def _reference(self, model: Model) -> Model:
         from ir import from_onnx, to_onnx
@@ -169,7 +194,7 @@ class PruneChannels(Pass):
             trial_groups = analyze_groups(trial.graph)
             trial_prunable = {g.index: g for g in trial_groups if g.prunable}
             counts = kept_counts(list(trial_prunable.values()), scores, middle, self.schedule,
-                                 self.round_to)
+                                 self.round_to, self._head_ratio())
             kept = {i: np.arange(counts[i]) for i, g in trial_prunable.items()
                     if counts[i] < g.size}
             remove_channels(trial.graph, trial_groups, kept)

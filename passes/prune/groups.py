@@ -12,6 +12,12 @@ Concat is the one op whose output channels are not a group of their own: its out
 *derived* from the input groups at offsets, so its kept channels follow theirs (a derived class
 that also has a source is frozen, parts included).
 
+A dim may also be an *expansion* of another: Flatten [N,C,H,W] -> [N,C*H*W] makes each channel own
+a span of H*W features, and the attention head split Reshape [B,S,384] -> [B,S,12,32] makes each
+head own a span of 32 hidden units (the merge Reshape after attention does the reverse). The
+expanded class is merged into the unit's group with every action's span multiplied, so Q/K/V
+columns, their biases and the output projection rows are sliced a whole head at a time.
+
 Layout conventions: NCHW activations (channel axis 1), Conv weights OIHW, ConvTranspose weights
 (I, O/g, k...), Gemm weights [N, K] when transB=1 else [K, N], MatMul weights [K, N].
 """
@@ -49,7 +55,10 @@ class ChannelGroup:
     frozen: list[str] = field(default_factory=list)
     derived_from: list[tuple["ChannelGroup", int, int]] = field(default_factory=list)
     depthwise: list[Node] = field(default_factory=list)
-    reshapes: list[Node] = field(default_factory=list)  # flatten-like Reshapes to rewrite
+    # Reshapes whose target must follow the kept count: (node, output axis written as -1).
+    reshapes: list[tuple[Node, int]] = field(default_factory=list)
+    kind: str = "channels"  # "heads" for attention heads (one unit = a span of hidden units)
+    unit_span: int = 1      # hidden units per unit (head size), for rounding kept counts
 
     @property
     def sources(self) -> list[Action]:
@@ -62,9 +71,9 @@ class ChannelGroup:
     def describe(self) -> dict:
         members = sorted({f"{a.node.name if a.node else a.value.name}:{a.role}"
                           for a in self.actions})
-        return {"group": self.index, "channels": self.size, "prunable": self.prunable,
-                "frozen": sorted(set(self.frozen)), "members": members,
-                "derived": bool(self.derived_from)}
+        return {"group": self.index, "kind": self.kind, "channels": self.size,
+                "prunable": self.prunable, "frozen": sorted(set(self.frozen)),
+                "members": members, "derived": bool(self.derived_from)}
 
 
 class GroupAnalysis:
@@ -78,7 +87,8 @@ class GroupAnalysis:
         self.frozen: dict[Dim, list[str]] = {}
         self.concats: list[tuple[Dim, list[tuple[Dim, int, int]]]] = []
         self.depthwise: dict[Dim, list[Node]] = {}
-        self.reshapes: dict[Dim, list[Node]] = {}
+        self.reshapes: dict[Dim, list[tuple[Node, int]]] = {}
+        self.expansions: list[tuple[Dim, Dim, int, str]] = []  # (feature, unit, span, kind)
 
     # -- union-find ------------------------------------------------------------------------------
     def dim(self, value: Value, axis: int) -> Dim:
@@ -97,6 +107,10 @@ class GroupAnalysis:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
             self.parent[rb] = ra
+
+    def expand(self, feature: Dim, unit: Dim, span: int, kind: str = "channels") -> None:
+        """`feature` is `unit` with each unit owning `span` consecutive entries."""
+        self.expansions.append((feature, unit, span, kind))
 
     def act(self, key: Dim, action: Action) -> None:
         self.actions.setdefault(key, []).append(action)
@@ -121,6 +135,7 @@ class GroupAnalysis:
             group.frozen.extend(self.frozen.get(key, []))
             group.depthwise.extend(self.depthwise.get(key, []))
             group.reshapes.extend(self.reshapes.get(key, []))
+        self._merge_expansions(by_root)
         for out_dim, parts in self.concats:
             derived = by_root[self.find(out_dim)]
             for part_dim, offset, length in parts:
@@ -132,6 +147,36 @@ class GroupAnalysis:
                 for part, _, _ in group.derived_from:
                     part.frozen.append("feeds a Concat whose output is frozen")
         return [g for g in by_root.values() if g.actions or g.derived_from]
+
+    def _merge_expansions(self, by_root: dict[Dim, ChannelGroup]) -> None:
+        """Fold each expanded feature class into its unit group (actions get the span)."""
+        merged: dict[Dim, Dim] = {}
+        for feature, unit, span, kind in self.expansions:
+            feature_root, unit_root = self.find(feature), self.find(unit)
+            target = by_root[unit_root]
+            if kind == "heads":
+                target.kind, target.unit_span = "heads", span
+            if feature_root == unit_root:
+                target.frozen.append("expanded dim meets its own units")
+                continue
+            if feature_root in merged:
+                if merged[feature_root] != unit_root:
+                    target.frozen.append("features expanded from two different unit dims")
+                    by_root[merged[feature_root]].frozen.append(
+                        "features expanded from two different unit dims")
+                continue
+            merged[feature_root] = unit_root
+            source = by_root.pop(feature_root)
+            for action in source.actions:
+                action.span *= span
+                target.actions.append(action)
+            target.frozen.extend(source.frozen)
+            target.dims.extend(source.dims)
+            if source.depthwise or source.reshapes:
+                target.frozen.append("expanded features reach a depthwise Conv or Reshape")
+            if any(self.find(d) == feature_root for d, _ in self.concats) or any(
+                    self.find(p) == feature_root for _, parts in self.concats for p, _, _ in parts):
+                target.frozen.append("expanded features reach a Concat")
 
 
 # -- op rules --------------------------------------------------------------------------------------
@@ -272,30 +317,57 @@ def _flatten(analysis: GroupAnalysis, node: Node) -> None:
     data, out = node.input(0), node.output
     axis = node.attr("axis", 1) if node.op_type == "Flatten" else 1
     if axis != 1 or len(out.shape) != 2 or len(data.shape) < 2:
-        _freeze_all(analysis, node)
+        _freeze_all(analysis, node, f"{node.op_type} {node.name}: not a flatten of axes 1..")
         return
     span = int(np.prod(data.shape[2:])) if len(data.shape) > 2 else 1
     analysis.union(analysis.dim(data, 0), analysis.dim(out, 0))
     if node.op_type == "Reshape":  # its explicit target [N, C*H*W] must follow the new C
-        analysis.reshapes.setdefault(analysis.dim(data, 1), []).append(node)
+        analysis.reshapes.setdefault(analysis.dim(data, 1), []).append((node, 1))
     if span == 1:
         analysis.union(analysis.dim(data, 1), analysis.dim(out, 1))
         return
-    # The flattened axis is its own dim; consumers slice it with span, so record them on the
-    # channel dim with that span instead of joining the dims.
-    analysis.flattened = getattr(analysis, "flattened", {})
-    analysis.flattened[analysis.dim(out, 1)] = (analysis.dim(data, 1), span)
+    analysis.expand(analysis.dim(out, 1), analysis.dim(data, 1), span)
     analysis.freeze(data, f"Flatten {node.name} spatial axes", range(2, len(data.shape)))
+
+
+def _split_last_axis(analysis: GroupAnalysis, node: Node) -> None:
+    """[..., H*D] -> [..., H, D] (attention heads): unit H owns a span of D hidden units."""
+    data, out = node.input(0), node.output
+    rank = len(out.shape)
+    for axis in range(rank - 2):
+        analysis.union(analysis.dim(data, axis), analysis.dim(out, axis))
+    heads = analysis.dim(out, rank - 2)
+    analysis.expand(analysis.dim(data, -1), heads, int(out.shape[-1]), "heads")
+    analysis.reshapes.setdefault(heads, []).append((node, rank - 2))
+    analysis.freeze(out, f"head size of {node.name}", [rank - 1])
+
+
+def _merge_last_axes(analysis: GroupAnalysis, node: Node) -> None:
+    """[..., H, D] -> [..., H*D] (after attention): the reverse of _split_last_axis."""
+    data, out = node.input(0), node.output
+    rank = len(data.shape)
+    for axis in range(rank - 2):
+        analysis.union(analysis.dim(data, axis), analysis.dim(out, axis))
+    heads = analysis.dim(data, rank - 2)
+    analysis.expand(analysis.dim(out, -1), heads, int(data.shape[-1]), "heads")
+    analysis.reshapes.setdefault(heads, []).append((node, rank - 2))
+    analysis.freeze(data, f"head size of {node.name}", [rank - 1])
 
 
 def _reshape(analysis: GroupAnalysis, node: Node) -> None:
     data, out = node.input(0), node.output
-    if len(out.shape) == 2 and out.shape[0] == data.shape[0] and len(data.shape) >= 2:
+    ins, outs = tuple(data.shape), tuple(out.shape)
+    if len(outs) == 2 and outs[0] == ins[0] and len(ins) >= 2:
         _flatten(analysis, node)  # a Flatten written as Reshape([N, -1])
-    elif tuple(out.shape) == tuple(data.shape):
+    elif ins == outs:
         _same_axis(analysis, node)
+    elif len(outs) == len(ins) + 1 and outs[:-2] == ins[:-1] and outs[-2] * outs[-1] == ins[-1]:
+        _split_last_axis(analysis, node)
+    elif len(ins) == len(outs) + 1 and ins[:-2] == outs[:-1] and ins[-2] * ins[-1] == outs[-1]:
+        _merge_last_axes(analysis, node)
     else:
-        _freeze_all(analysis, node)
+        _freeze_all(analysis, node, f"Reshape {node.name} {list(ins)} -> {list(outs)} "
+                                    "is not a flatten or a head split/merge")
 
 
 def _transpose(analysis: GroupAnalysis, node: Node) -> None:
@@ -321,6 +393,79 @@ def _concat(analysis: GroupAnalysis, node: Node) -> None:
     analysis.concats.append((analysis.dim(out, axis), parts))
 
 
+def _matmul_dynamic(analysis: GroupAnalysis, node: Node) -> None:
+    """MatMul of two activations (attention): batch axes couple with broadcasting, the
+    contraction axis couples a[-1] with b[-2], rows follow a and columns follow b."""
+    a, b, out = node.input(0), node.input(1), node.output
+    rank = len(out.shape)
+    if len(a.shape) < 2 or len(b.shape) < 2:
+        _freeze_all(analysis, node, f"MatMul {node.name} with a 1-D operand")
+        return
+    for operand in (a, b):
+        offset = rank - len(operand.shape)
+        for axis in range(len(operand.shape) - 2):
+            if operand.shape[axis] == out.shape[axis + offset]:
+                analysis.union(analysis.dim(operand, axis), analysis.dim(out, axis + offset))
+    analysis.union(analysis.dim(a, -1), analysis.dim(b, -2))
+    analysis.union(analysis.dim(a, -2), analysis.dim(out, -2))
+    analysis.union(analysis.dim(b, -1), analysis.dim(out, -1))
+
+
+def _matmul_any(analysis: GroupAnalysis, node: Node) -> None:
+    if _const(node.input(1)) and not _const(node.input(0)):
+        _matmul(analysis, node)
+    elif not _const(node.input(0)) and not _const(node.input(1)):
+        _matmul_dynamic(analysis, node)
+    else:
+        _freeze_all(analysis, node, f"MatMul {node.name} with a constant left operand")
+
+
+def _reduce_axis_frozen(analysis: GroupAnalysis, node: Node) -> None:
+    """Softmax/LogSoftmax/Hardmax-free ops that normalize along one axis: the other axes pass
+    through; that axis cannot lose entries (it would change every other entry)."""
+    _same_axis(analysis, node)
+    axis = node.attr("axis", -1) % len(node.output.shape)
+    analysis.freeze(node.output, f"{node.op_type} {node.name} normalizes along this axis", [axis])
+
+
+def _reduce(analysis: GroupAnalysis, node: Node) -> None:
+    """ReduceMean/Sum/Max...: kept axes pass through, reduced axes are frozen."""
+    data, out = node.input(0), node.output
+    axes = node.attr("axes")
+    if axes is None and node.input(1) is not None:
+        if not _const(node.input(1)):
+            _freeze_all(analysis, node, f"{node.op_type} {node.name} with dynamic axes")
+            return
+        axes = node.input(1).const.tolist()
+    rank = len(data.shape)
+    reduced = set(range(rank)) if not axes else {a % rank for a in axes}
+    keep = node.attr("keepdims", 1)
+    out_axis = 0
+    for axis in range(rank):
+        if axis in reduced:
+            analysis.freeze(data, f"{node.op_type} {node.name} reduces this axis", [axis])
+            out_axis += 1 if keep else 0
+            continue
+        analysis.union(analysis.dim(data, axis), analysis.dim(out, out_axis))
+        out_axis += 1
+
+
+def _slice_like(analysis: GroupAnalysis, node: Node) -> None:
+    """Slice/Split: axes whose size is unchanged pass through; a partially taken axis is frozen
+    (its kept channels would have to be remapped into the slice, which is not implemented)."""
+    data = node.input(0)
+    for out in node.outputs:
+        if out is None or out.shape is None or len(out.shape) != len(data.shape):
+            continue
+        for axis, (before, after) in enumerate(zip(data.shape, out.shape)):
+            if before == after:
+                analysis.union(analysis.dim(data, axis), analysis.dim(out, axis))
+            else:
+                reason = f"{node.op_type} {node.name} takes part of this axis"
+                analysis.freeze(data, reason, [axis])
+                analysis.freeze(out, reason, [axis])
+
+
 def _pad(analysis: GroupAnalysis, node: Node) -> None:
     pads = node.input(1).const if node.input(1) is not None and _const(node.input(1)) \
         else node.attr("pads")
@@ -344,6 +489,8 @@ _UNARY = ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardS
           "Round", "Sin", "Cos", "Not", "ThresholdedRelu", "Sign", "LRN")
 _BINARY = ("Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean", "Pow", "Where", "Equal",
            "Greater", "Less", "And", "Or")
+_REDUCE = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceL1",
+           "ReduceProd", "ReduceSumSquare", "ReduceLogSumExp")
 _POOL = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "Resize",
          "Upsample", "SpaceToDepth")
 
@@ -351,7 +498,9 @@ RULES = {
     **{op: _same_axis for op in _UNARY},
     **{op: _broadcast for op in _BINARY},
     **{op: _channel_only for op in _POOL},
-    "Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": _matmul,
+    "Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": _matmul_any,
+    "Softmax": _reduce_axis_frozen, "LogSoftmax": _reduce_axis_frozen,
+    **{op: _reduce for op in _REDUCE}, "Slice": _slice_like, "Split": _slice_like,
     "BatchNormalization": _batchnorm, "InstanceNormalization": _instance_norm,
     "LayerNormalization": _layer_norm, "Flatten": _flatten, "Reshape": _reshape,
     "Transpose": _transpose, "Concat": _concat, "Pad": _pad,
@@ -387,21 +536,4 @@ def analyze_groups(graph: Graph) -> list[ChannelGroup]:
     for value in graph.outputs:
         if value.shape is not None:
             analysis.freeze(value, "graph output")
-    _attach_flattened(analysis)
     return analysis.groups()
-
-
-def _attach_flattened(analysis: GroupAnalysis) -> None:
-    """Move actions recorded on a flattened feature dim onto its channel dim, with the span."""
-    for feature_dim, (channel_dim, span) in getattr(analysis, "flattened", {}).items():
-        for action in analysis.actions.pop(feature_dim, []):
-            action.span = span
-            analysis.act(channel_dim, action)
-        # Anything else that the flattened dim joined (other tensors) cannot follow the span.
-        for key in list(analysis.parent):
-            if key != feature_dim and analysis.find(key) == analysis.find(feature_dim):
-                analysis.frozen.setdefault(channel_dim, []).append(
-                    "flattened features reach an op other than a weight")
-                break
-        if feature_dim in analysis.frozen:
-            analysis.frozen.setdefault(channel_dim, []).extend(analysis.frozen[feature_dim])

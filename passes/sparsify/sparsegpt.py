@@ -8,7 +8,8 @@ Surgeon update spreads over the columns not yet visited:
 
 with H^-1 in its upper Cholesky form so that each step uses the inverse Hessian restricted to the
 remaining columns. Updates are applied lazily, a block of columns at a time (the "lazy batch"),
-and the mask is chosen per block from the OBS saliency w^2 / [H^-1]_jj^2:
+and the mask is chosen per block from the OBS saliency w^2 / d_j^2, d_j the diagonal of that
+Cholesky factor (d_j^2 = [H_F^-1]_jj, F = the columns from j on):
 - unstructured and block RxC: at the start of each column block (aligned to C), the requested
   fraction of the block's weights / tiles with the lowest saliency is pruned;
 - N:M: at the start of each group of M columns, each row keeps its N most salient weights.
@@ -27,7 +28,7 @@ __all__ = ["sparsegpt_prune", "saliency"]
 
 
 def saliency(weights: np.ndarray, hinv_diag: np.ndarray) -> np.ndarray:
-    """OBS saliency of pruning each weight: w^2 / [H^-1]_jj^2 (column j)."""
+    """OBS saliency of pruning each weight: w^2 / d_j^2, d = diagonal of the inverse Cholesky."""
     return weights ** 2 / hinv_diag[None, :] ** 2
 
 

@@ -251,3 +251,34 @@ def test_dangling_reference_is_refused():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     with pytest.raises(ir.GraphError, match="undefined"):
         ir.load_model(_model(graph))
+
+
+def test_sibling_subgraphs_may_reuse_a_name():
+    """ONNX allows then/else branches to define the same name; the IR renames one of them."""
+    def branch(name, op):
+        return helper.make_graph([helper.make_node(op, ["x"], ["out"])], name, [],
+                                 [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2])])
+    node = helper.make_node("If", ["c"], ["y"], then_branch=branch("then", "Neg"),
+                            else_branch=branch("else", "Relu"))
+    graph = helper.make_graph(
+        [node], "siblings",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+         helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = ir.load_model(_model(graph))
+    ir.check_model(model)
+    exported = ir.to_onnx(model)
+    onnx.checker.check_model(exported, full_check=True)
+    feed = np.array([-1.0, 2.0], np.float32)
+    for cond, expected in ((True, -feed), (False, np.maximum(feed, 0))):
+        (out,) = run_onnx(exported, {"x": feed, "c": np.array(cond)})
+        np.testing.assert_array_equal(out, expected)
+
+
+def test_duplicate_name_in_one_graph_is_refused():
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["x"], ["a"])]
+    graph = helper.make_graph(nodes, "dup", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                           [1])],
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1])])
+    with pytest.raises(ir.GraphError, match="duplicate"):
+        ir.load_model(_model(graph))

@@ -186,3 +186,21 @@ def test_dispatch_conv1x1_and_dense_fallback():
 
 def test_bsr_type_is_exported():
     assert BSR is to_bsr(np.eye(4, dtype=F), (2, 2)).__class__
+
+
+def test_cuda_bsr_kernel_compiles():
+    """Compile-only (no GPU here): codegen through NVRTC/nvcc must accept the kernel."""
+    from backends.tvm.kernels.cuda import bsr_matmul_kn_cuda
+    if not tvm.runtime.enabled("cuda"):
+        pytest.skip("TVM built without CUDA")
+    w = _block_sparse(np.random.default_rng(2), 37, 29, (4, 3), 0.3)
+    func = bsr_matmul_kn_cuda(to_bsr(w, (4, 3)), 2, 45, relu=True)
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_80"}, host={"kind": "llvm"})
+    try:
+        lib = tvm.compile(tvm.IRModule({"main": func}), target)
+    except Exception as exc:  # noqa: BLE001 - a machine without nvcc/NVRTC cannot check
+        if "nvcc" in str(exc) or "nvrtc" in str(exc).lower():
+            pytest.skip(f"no CUDA compiler: {str(exc).splitlines()[-1]}")
+        raise
+    source = lib.mod.imports[0].inspect_source()
+    assert "__global__" in source and "bsr_kn_cuda_kernel" in source
