@@ -6,12 +6,14 @@ For each, random block-sparse weights at 50/70/80/90/95% block sparsity (blocks 
 (`dense_matmul_kn`, same schedule style) and onnxruntime's dense MatMul on the same problem.
 Our kernels take K-major activations X[K, P] (the 1x1-conv layout; for MatMul the dispatcher
 transposes X, which is not timed here - it is a kernel-level comparison). onnxruntime runs
-Y^T = W @ X^T as a MatMul of [N, K] x [K, P] so all three compute the same product. Interleaved rounds
-(all kernels of a shape measured in turn, so load from other processes hits them alike); the
-table uses the best round of each (the shared build machine's load makes medians swing 2x), the
-JSON has medians too. Ideal = 1 / block density; "% ideal" = (speedup over our dense) / ideal.
+Y^T = W @ X^T as a MatMul of [N, K] x [K, P] so all three compute the same product.
+Interleaved rounds (all kernels of a shape measured in turn, so load from other processes hits
+them alike); the table uses the best round of each (the shared build machine's load makes
+medians swing 2x), the JSON has medians too. Ideal = 1 / block density; "% ideal" =
+(speedup over our dense) / ideal.
 
     python bench/sparse_kernels.py [--block 4x1] [--rounds 7] [--threads 2] [--json PATH]
+    python bench/sparse_kernels.py --int8 --shapes 0,1     # int8 kernels vs float32
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ def bench_shape(name, n, k, p, block, rounds, threads, target, rng):
         timers[f"bsr {sparsity}"] = run
         densities[sparsity] = bsr.block_density
     # calibrate `number` so one measurement takes ~20 ms, then interleave rounds
-    numbers = {key: max(1, int(0.01 / max(run(1), 1e-6))) for key, run in timers.items()}
+    numbers = {key: max(1, int(0.005 / max(run(1), 1e-6))) for key, run in timers.items()}
     samples = {key: [] for key in timers}
     for _ in range(rounds):
         for key, run in timers.items():
@@ -131,6 +133,48 @@ def bench_shape(name, n, k, p, block, rounds, threads, target, rng):
     return rows
 
 
+def bench_int8(name, n, k, p, rounds, target, rng):
+    """int8 kernel (vpmaddwd "madd" and plain "int32" inner products) vs our float32 kernels on
+    the same 4x4-block weight, dense and at 90% block sparsity."""
+    from backends.tvm.kernels import bsr_matmul_kn, cpu_schedule, dense_matmul_kn, to_bsr
+    from backends.tvm.kernels.int8 import bsr_int8_kn, pack_activations, quantize_params
+    schedule = cpu_schedule(target)
+    x = rng.integers(-128, 128, (1, k, p)).astype(np.int8)
+    xf = x.astype(np.float32)
+    rows = []
+    for sparsity in (0.0, 0.9):
+        keep = rng.random((n // 4, k // 4)) >= sparsity
+        w = (rng.integers(-127, 128, (n, k)) * np.repeat(np.repeat(keep, 4, 0), 4, 1))
+        w = w.astype(np.int8)
+        q = quantize_params(w, 0.05, 3, 0.01, 2.0, -5)
+        bsr, bsr_f = to_bsr(w, (4, 4)), to_bsr(w.astype(np.float32), (4, 4))
+        timers = {"fp32 bsr": _tvm_timer(
+            bsr_matmul_kn(bsr_f, 1, p, schedule=schedule),
+            [xf, bsr_f.data, bsr_f.indices, bsr_f.indptr, np.zeros(n, np.float32),
+             np.zeros((1, n, p), np.float32)], target)[0]}
+        if sparsity == 0.0:
+            timers["fp32 dense"] = _tvm_timer(
+                dense_matmul_kn(n, k, 1, p, schedule=schedule),
+                [xf, w.astype(np.float32), np.zeros(n, np.float32),
+                 np.zeros((1, n, p), np.float32)], target)[0]
+        for method in ("madd", "int32"):
+            func, data = bsr_int8_kn(bsr, 1, p, method=method)
+            timers[f"int8 {method}"] = _tvm_timer(
+                func, [pack_activations(x, method), data, bsr.data, bsr.indices, bsr.indptr,
+                       q.bias_q, q.mult, np.array([q.zy], np.int32),
+                       np.zeros((1, n, p), np.int8)], target)[0]
+        numbers = {key: max(1, int(0.005 / max(run(1), 1e-6))) for key, run in timers.items()}
+        samples = {key: [] for key in timers}
+        for _ in range(rounds):
+            for key, run in timers.items():
+                samples[key].append(run(numbers[key]))
+        for key, values in samples.items():
+            rows.append({"shape": name, "sparsity": sparsity, "kernel": key,
+                         "ms": float(np.min(values)) * 1e3,
+                         "median_ms": float(np.median(values)) * 1e3})
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--block", default="4x1", help="R x C block (R output rows)")
@@ -138,13 +182,18 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--target", default='{"kind": "llvm", "mcpu": "core-avx2"}')
     parser.add_argument("--shapes", default="", help="comma-separated indices into SHAPES")
-    parser.add_argument("--json", default=str(Path(__file__).parent / "out" / "sparse_kernels.json"))
+    parser.add_argument("--int8", action="store_true",
+                        help="int8 kernels vs float32 instead (MiniLM shapes, 4x4 blocks)")
+    parser.add_argument("--json",
+                        default=str(Path(__file__).parent / "out" / "sparse_kernels.json"))
     args = parser.parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     block = tuple(int(v) for v in args.block.lower().split("x"))
     target = json.loads(args.target)
     shapes = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES
     rng = np.random.default_rng(0)
+    if args.int8:
+        return _main_int8(args, shapes, target, rng)
     rows = []
     for shape in shapes:
         rows += bench_shape(*shape, block, args.rounds, args.threads, target, rng)
@@ -162,6 +211,24 @@ def main(argv=None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"block": list(block), "threads": args.threads,
                                 "target": target, "rows": rows}, indent=1))
+    return 0
+
+
+def _main_int8(args, shapes, target, rng) -> int:
+    rows = []
+    for shape in shapes:
+        rows += bench_int8(*shape, args.rounds, target, rng)
+    print(f"threads {args.threads}, target {args.target}, best of {args.rounds} rounds\n")
+    print("| shape | block sparsity | kernel | ms | x fp32 dense |")
+    print("|---|---|---|---|---|")
+    dense = {r["shape"]: r["ms"] for r in rows if r["kernel"] == "fp32 dense"}
+    for r in rows:
+        print(f"| {r['shape']} | {r['sparsity']:.0%} | {r['kernel']} | {r['ms']:.3f} | "
+              f"{dense[r['shape']] / r['ms']:.2f}x |")
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"threads": args.threads, "target": target, "int8": rows},
+                               indent=1))
     return 0
 
 

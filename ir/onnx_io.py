@@ -86,6 +86,7 @@ def from_onnx(proto: onnx.ModelProto) -> Model:
     """Convert a ModelProto into the IR."""
     opsets = {entry.domain: entry.version for entry in proto.opset_import}
     graph = _import_graph(proto.graph, outer={}, parent=None, root=True)
+    _name_unnamed_nodes(graph)
     return Model(
         graph,
         opset_imports=opsets,
@@ -98,6 +99,18 @@ def from_onnx(proto: onnx.ModelProto) -> Model:
         metadata_props={p.key: p.value for p in proto.metadata_props},
         functions=[f for f in proto.functions],
     )
+
+
+def _name_unnamed_nodes(graph: Graph) -> None:
+    """Give unnamed nodes a unique name: per-node reports and passes address nodes by name.
+
+    Done after the whole model is read: node and value names share one table, and a name
+    picked while reading could otherwise take a value name that appears later in the file.
+    """
+    for sub in graph.walk_graphs():
+        for node in sub.nodes:
+            if not node.name:
+                node.name = sub.unique_name(node.op_type)
 
 
 def type_fields(type_proto: onnx.TypeProto):
@@ -161,9 +174,8 @@ def _import_graph(proto: onnx.GraphProto, outer: dict[str, Value], parent: Node 
         graph.inputs.append(value)
 
     for node_proto in proto.node:
-        # Unnamed nodes get a unique name: per-node reports and passes address nodes by name.
-        name = node_proto.name or graph.unique_name(node_proto.op_type)
-        node = Node(node_proto.op_type, name=name, domain=node_proto.domain)
+        # Unnamed nodes are named once every value name is known (see _name_unnamed_nodes).
+        node = Node(node_proto.op_type, name=node_proto.name, domain=node_proto.domain)
         node.doc_string = node_proto.doc_string
         inputs = []
         for name in node_proto.input:
@@ -343,6 +355,8 @@ def node_to_onnx(node: Node, value_info: bool) -> onnx.NodeProto:
 
 
 def _export_attribute(name: str, value, attr_type: int | None, value_info: bool) -> AttributeProto:
+    if isinstance(value, np.ndarray) and attr_type in _NUMBER_ATTRIBUTES:
+        value = value.tolist()  # a pass computed ints/floats with numpy: keep the imported type
     if isinstance(value, Graph):
         return helper.make_attribute(name, _export_graph(value, value_info))
     if isinstance(value, np.ndarray):
@@ -366,6 +380,10 @@ def _export_attribute(name: str, value, attr_type: int | None, value_info: bool)
     elif isinstance(value, tuple):
         value = list(value)
     return helper.make_attribute(name, value, attr_type=attr_type)
+
+
+_NUMBER_ATTRIBUTES = (AttributeProto.INT, AttributeProto.FLOAT, AttributeProto.INTS,
+                      AttributeProto.FLOATS)
 
 
 def array_to_tensor(array: np.ndarray, name: str) -> TensorProto:

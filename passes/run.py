@@ -4,8 +4,8 @@
                          [--calib DATA.npz] [--report REPORT.json] [--target TARGET]
                          [--out-dir DIR] [--tune-trials N] [--rpc HOST:PORT:KEY]
 
-Without MODEL it runs on the digits model shipped in `models/digits` (its output then goes to the
-current directory). Every error caused by the input or the options is one line on stderr and exit
+Without MODEL it runs on the digits model shipped in `models/digits`, with its calibration split
+unless --calib is given (the output then goes to the current directory). Every error caused by the input or the options is one line on stderr and exit
 status 2; no output file is left behind.
 """
 
@@ -114,7 +114,11 @@ def run(argv: list[str] | None = None) -> int:
     model_path = _default_model() if embedded else Path(args.model)
     model = load_model(model_path)
     ctx = PassContext(progress=stderr_progress)
-    report = compress(model, args.passes, calibration=args.calib, input_shapes=shapes, ctx=ctx)
+    calibration = args.calib
+    if embedded and calibration is None:  # the shipped model brings its calibration split
+        from models.digits import load_splits
+        calibration = {"input": load_splits().x_calib}
+    report = compress(model, args.passes, calibration=calibration, input_shapes=shapes, ctx=ctx)
 
     proto = to_onnx(model)
     _check_loads(proto, model_path.read_bytes())

@@ -81,7 +81,7 @@ def compile_artifact(model: Model, target: str, out_dir: Path | str, pipeline: s
     if rpc and tune_trials <= 0:
         raise CompressError("--rpc only matters with --tune-trials N > 0")
     started = time.monotonic()
-    lowered = lower_model(model)
+    lowered = lower_model(model, target=spec)
     executable, tuning = build_module(lowered, spec, tune_trials, rpc, progress, cache_dir,
                                       schedule)
     out_dir = Path(out_dir)

@@ -69,6 +69,8 @@ class LoweringContext:
     weight_meta(value): metadata of a weight (looks through DequantizeLinear to the int8 constant).
     """
 
+    target = None  # what the code is for (kernel dispatch reads it); None = the host CPU
+
     def __init__(self, model: Model, bb):
         from tvm import relax
         self.relax = relax
@@ -706,8 +708,12 @@ def _check_supported(model: Model) -> None:
                 f"{value.shape} (give --input-shape and run cleanup)")
 
 
-def lower_model(model: Model, use_kernels: bool = True) -> LoweredModule:
-    """Lower a cleaned-up IR model with static shapes to a Relax IRModule (see module doc)."""
+def lower_model(model: Model, use_kernels: bool = True, target=None) -> LoweredModule:
+    """Lower a cleaned-up IR model with static shapes to a Relax IRModule (see module doc).
+
+    `target` (a TargetSpec, target dict or tvm Target) lets the kernel dispatch pick the
+    schedule and instructions of the machine the code is for; None means the host CPU.
+    """
     from tvm import relax
 
     graph = model.graph
@@ -716,6 +722,8 @@ def lower_model(model: Model, use_kernels: bool = True) -> LoweredModule:
     kernels = _kernels_module() if use_kernels else None
     bb = relax.BlockBuilder()
     ctx = LoweringContext(model, bb)
+    if target is not None:
+        ctx.target = target
     input_vars = []
     for value in graph.inputs:
         if value.is_constant:

@@ -4,13 +4,18 @@ GPU: dlight's rules (matmul, GEMV, reductions, then a fallback that binds thread
 CUDA code does not even compile (every loop needs a thread binding).
 
 CPU: TVM's legalized TIR is plain nested loops (one scalar multiply-add at a time). Our rule,
-`ParallelVectorize`, gives every compute block the two things that matter most:
+`ParallelVectorize`, gives every compute block the things that matter most:
 - the outer spatial loops fused and run in parallel (all cores);
 - the innermost spatial loop split by the vector width and moved *inside* the reduction loops,
-  then vectorized: for conv (n, c, h, w, rc, rh, rw) this computes a row of `w` outputs per weight
-  broadcast, for matmul (i, j, k) a row of `j` outputs per A[i, k]; the accumulators stay in
-  registers across the reduction.
-dlight's CPU GEMV/Reduction rules handle matrix-vector and reduction blocks first.
+  then vectorized;
+- for reductions with two spatial loops to spare, a register tile: ROWS values of another
+  spatial loop (conv: output rows, or output channels when ROWS does not divide the rows;
+  matmul: rows of A) times one vector of the innermost (conv: output columns; matmul: columns
+  of B), accumulated in a local buffer that LLVM keeps in registers across the whole
+  reduction, so each loaded weight or input vector feeds several multiply-adds and the
+  accumulators are not stored every step (3x3 conv 64->64 at 56x56: 4-6x faster).
+Padding blocks are not inlined into convolutions: the bounds test in the inner loop costs more
+than the padded copy.
 """
 
 from __future__ import annotations
@@ -81,10 +86,11 @@ def _has_root(sch) -> bool:
 
 
 def _inline_elementwise(sch, blocks):
-    """Inline producers that only rearrange or map values (pads, bias adds feeding a conv's
-    consumer), keeping the reductions as the blocks we schedule."""
+    """Inline producers that only rearrange or map values (reshapes, bias adds into their
+    consumer), keeping the reductions as the blocks we schedule. Pads stay separate."""
     for block in blocks[:-1]:
-        if _iter_kinds(sch, block).count("R") == 0:
+        if _iter_kinds(sch, block).count("R") == 0 and \
+                not sch.get(block).name_hint.startswith("pad"):
             try:
                 sch.compute_inline(block)
             except Exception:  # noqa: BLE001
@@ -106,6 +112,51 @@ def _extent(sch, loop) -> int | None:
     return int(extent) if isinstance(extent, tirx.IntImm) else None
 
 
+# Rows of the register tile (ROWS x one vector of accumulators: 8 of the 16 AVX2 / 32 NEON
+# vector registers), halved when the vector is wider than the hardware's.
+ROWS = 8
+
+
+def _vector_width(extent: int | None, lanes: int) -> int | None:
+    """Width of the vectorized tile of a loop of `extent`: the hardware width when it divides,
+    the whole loop when short (7, 14: LLVM splits it), else a divisor up to two vectors."""
+    if extent is None or extent < 2:
+        return None
+    if extent % lanes == 0:
+        return lanes
+    if extent <= 2 * lanes:
+        return extent
+    return max((d for d in range(2, 2 * lanes + 1) if extent % d == 0), default=None)
+
+
+def _register_tile(sch, block, spatial, reduce, lanes: int) -> bool:
+    """ROWS x vector accumulator tile for a reduction block (see module doc); False when the
+    loop extents do not fit it (the caller then uses the single-row schedule)."""
+    if not reduce or len(spatial) < 2:
+        return False
+    width = _vector_width(_extent(sch, spatial[-1]), lanes)
+    rows = ROWS if width is not None and width <= lanes else ROWS // 2
+    # The innermost other spatial loop that `rows` divides: conv (n, c, h, w) tiles h when it
+    # divides (56), else the output channels; matmul (i, j) tiles i.
+    row_index = next((i for i in range(len(spatial) - 2, -1, -1)
+                      if (_extent(sch, spatial[i]) or 1) % rows == 0), None)
+    if width is None or row_index is None:
+        return False
+    column_outer, column_inner = sch.split(spatial[-1], [None, width])
+    row_outer, row_inner = sch.split(spatial[row_index], [None, rows])
+    outer = spatial[:row_index] + [row_outer] + spatial[row_index + 1:-1] + [column_outer]
+    sch.reorder(*(outer + reduce + [row_inner, column_inner]))
+    accumulator = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(accumulator, outer[-1])
+    parallel = outer[:-1]
+    sch.parallel(sch.fuse(*parallel) if len(parallel) > 1 else parallel[0])
+    sch.vectorize(column_inner)
+    sch.unroll(row_inner)
+    sch.decompose_reduction(block, reduce[0])
+    sch.vectorize(sch.get_loops(accumulator)[-1])  # the tile's write-back
+    return True
+
+
 def _schedule_block(sch, block, lanes: int) -> None:
     loops = sch.get_loops(block)
     kinds = _iter_kinds(sch, block)
@@ -114,6 +165,8 @@ def _schedule_block(sch, block, lanes: int) -> None:
     spatial = [loop for loop, kind in zip(loops, kinds) if kind == "S"]
     reduce = [loop for loop, kind in zip(loops, kinds) if kind == "R"]
     if not spatial:
+        return
+    if _register_tile(sch, block, spatial, reduce, lanes):
         return
     inner = spatial[-1]
     inner_extent = _extent(sch, inner)

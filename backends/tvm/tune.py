@@ -90,6 +90,14 @@ def _progress_callback(total: int, progress: Callable | None):
     return ProgressCallback()
 
 
+def _trials_per_round(trials: int) -> int:
+    """Candidates measured per task per round. The scheduler visits tasks round-robin and each
+    visit spends a whole round, so a round as large as a small budget spent it all on the
+    first task or two (32 trials on the digits model: 1 on a reshape, 31 on a mean, none on
+    the convolutions). Small rounds spread small budgets; 64 is MetaSchedule's default."""
+    return min(64, max(4, trials // 16))
+
+
 def tune_module(mod, spec: TargetSpec, trials: int, rpc: str | None = None,
                 progress: Callable | None = None, cache_dir: Path | None = None):
     """Tune the PrimFuncs of a legalized Relax module; returns (module with the database's
@@ -105,7 +113,7 @@ def tune_module(mod, spec: TargetSpec, trials: int, rpc: str | None = None,
     start = time.monotonic()
     ms.relax_integration.tune_relax(
         mod, params={}, target=target, work_dir=str(work_dir), max_trials_global=trials,
-        num_trials_per_iter=min(64, max(8, trials)), builder=builder, runner=runner,
+        num_trials_per_iter=_trials_per_round(trials), builder=builder, runner=runner,
         measure_callbacks=callbacks)
     with target:
         mod = relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)

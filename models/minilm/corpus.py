@@ -10,9 +10,11 @@ are not enough. This module gathers a few hundred passages of real English:
 - the docstrings of the stdlib's top-level modules (read with `ast`, nothing is imported),
 - `evaluate.CALIBRATION_SENTENCES` (everyday sentences, written for this project).
 
-Paragraphs are kept when they read as prose (no indented code, mostly letters), split into
-sentences, and the sentences of one source document are packed, in order, into passages of about
-`words` words, so that a passage fills a 128-token sequence with little padding. Everything is
+Paragraphs are kept when they read as prose (no indented code, mostly letters) and split into
+sentences. `calibration_texts` returns single sentences (words=0; measured best for SparseGPT on
+MiniLM, whose evaluation sentences are short: the [CLS]/[SEP] tokens then weigh in the statistics
+as they do at evaluation) or, with words > 0, the sentences of one document packed in order into
+passages of about `words` words, which fill a 128-token sequence with little padding. Everything is
 deterministic (sorted sources, no randomness). None of it overlaps the evaluation sentences
 (`evaluate.EVAL_SENTENCES` / `RANKING_TRIPLES`), which `calibration_passages` checks.
 """
@@ -23,7 +25,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["prose_documents", "calibration_passages"]
+__all__ = ["prose_documents", "calibration_texts"]
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\"'])")
 # Lines that are code, reST markup or headings rather than prose; list markers are stripped.
@@ -103,17 +105,19 @@ def _pack(sentences, words: int) -> list[str]:
     return passages
 
 
-def calibration_passages(n: int, words: int = 110) -> list[str]:
+def calibration_texts(n: int, words: int = 0) -> list[str]:
     """`n` calibration texts: the project's CALIBRATION_SENTENCES interleaved (one in eight) with
-    prose passages of about `words` words (~`words` x 1.3 tokens); raises ValueError when the
-    corpus has fewer than `n` texts.
+    prose sentences (words=0) or passages of about `words` words (~`words` x 1.3 tokens); raises
+    ValueError when the corpus has fewer than `n` texts (~5800 sentences, ~950 passages of 110).
 
-    Passages are taken round-robin over the documents (first passage of every document, then the
+    Texts are taken round-robin over the documents (first text of every document, then the
     second, ...) so that a small `n` still spans many topics.
     """
     from .evaluate import CALIBRATION_SENTENCES, EVAL_SENTENCES, RANKING_TRIPLES
 
-    per_document = [_pack(sentences, words) for sentences in prose_documents()]
+    per_document = [list(sentences) if words <= 0 else _pack(sentences, words)
+                    for sentences in prose_documents()]
+    # The manuals repeat a few sentences verbatim (5 of the first 512 texts); kept, harmless.
     prose = [doc[i] for i in range(max(map(len, per_document))) for doc in per_document
              if i < len(doc)]
     everyday = list(CALIBRATION_SENTENCES)

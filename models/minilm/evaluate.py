@@ -7,7 +7,7 @@
   model that degrades to bag-of-words similarity loses points. The original model scores 1.0.
 - `calibration_npz`: the project's `--calib` file from CALIBRATION_SENTENCES, a list disjoint
   from the evaluation sentences so that data-aware passes are not tuned on the test set, or
-  (n > 48 or corpus="passages") from the larger prose corpus of `models.minilm.corpus`.
+  (n > 48, corpus="prose" or "passages") from the larger prose corpus of `models.minilm.corpus`.
 
 Every evaluation and ranking sentence fits in 32 tokens with [CLS]/[SEP], so models built with
 seq_len >= 32 see them untruncated and score the same across seq_len. Every sixth calibration
@@ -230,25 +230,26 @@ def calibration_npz(path, n: int = 32, seq_len: int = 128, corpus: str = "auto")
     """Write `n` calibration samples as a `--calib` .npz and return its path.
 
     corpus="sentences": the first `n` CALIBRATION_SENTENCES (48 at most, ~860 real tokens);
-    corpus="passages": `models.minilm.corpus.calibration_passages(n)` — English prose packed
-    into passages that fill most of a 128-token sequence (~100 real tokens each), with one
-    everyday sentence in eight; "auto" picks sentences for n <= 48 and passages above.
+    corpus="prose": `models.minilm.corpus.calibration_texts(n)` — single sentences of English
+    prose (stdlib/scikit-learn documentation, ~23 tokens each), one everyday sentence in eight;
+    corpus="passages": the same prose packed into ~110-word passages that fill most of a
+    128-token sequence; "auto" picks sentences for n <= 48 and prose above.
     Keys are the graph input names; each array is int64 [n, seq_len], i.e. one batch item per
     sample, which the project's CalibrationSet groups into the model's static batch size.
     """
     if corpus == "auto":
-        corpus = "sentences" if n <= len(CALIBRATION_SENTENCES) else "passages"
+        corpus = "sentences" if n <= len(CALIBRATION_SENTENCES) else "prose"
     if corpus == "sentences":
         if not 1 <= n <= len(CALIBRATION_SENTENCES):
             raise ValueError(f"n must be in 1..{len(CALIBRATION_SENTENCES)}, got {n}")
         texts = CALIBRATION_SENTENCES[:n]
-    elif corpus == "passages":
+    elif corpus in ("prose", "passages"):
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        from .corpus import calibration_passages
-        texts = calibration_passages(n)
+        from .corpus import calibration_texts
+        texts = calibration_texts(n, words=0 if corpus == "prose" else 110)
     else:
-        raise ValueError(f"corpus must be auto, sentences or passages, got {corpus!r}")
+        raise ValueError(f"corpus must be auto, sentences, prose or passages, got {corpus!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as f:  # a file object keeps np.savez from appending ".npz"

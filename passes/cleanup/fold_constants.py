@@ -12,8 +12,9 @@ from ..core import Option, Pass, PassContext, PassResult, register_pass
 __all__ = ["FoldConstants"]
 
 # Ops whose output differs from run to run (or that read no data) must never be folded.
+# Dropout too: in training mode its mask is random (in inference mode remove-identity drops it).
 _NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
-                     "Multinomial", "Bernoulli"}
+                     "Multinomial", "Bernoulli", "Dropout"}
 
 
 @register_pass

@@ -2,5 +2,6 @@
 
 from .channels import PruneChannels, ShowGroups
 from .groups import ChannelGroup, analyze_groups
+from .layers import PruneLayers, find_blocks
 
-__all__ = ["PruneChannels", "ShowGroups", "ChannelGroup", "analyze_groups"]
+__all__ = ["PruneChannels", "ShowGroups", "ChannelGroup", "analyze_groups", "PruneLayers", "find_blocks"]

@@ -10,7 +10,9 @@ from ..calibration import capture
 from ..core import Option, Pass, PassContext, PassResult, register_pass
 from .apply import remove_channels
 from .groups import ChannelGroup, analyze_groups
+from .compensate import apply_mean_shifts, mean_shifts
 from .reconstruct import reconstruct_consumers
+from .sensitivity import sensitivity_weights
 
 __all__ = ["PruneChannels", "ShowGroups", "channel_importance", "kept_counts"]
 
@@ -39,29 +41,37 @@ def _bn_scale(group: ChannelGroup) -> np.ndarray | None:
 
 def _activation_stats(model: Model, groups: list[ChannelGroup], ctx: PassContext,
                       criterion: str, samples: int) -> dict[int, np.ndarray]:
-    """Per-channel mean |activation| or fraction of zeros (APoZ) of each group's source outputs."""
-    outputs = {}
-    for group in groups:
-        for action in group.sources:
-            outputs[action.node.output.name] = (group, action.node.output)
-    if not outputs:
+    """Data-aware scores measured where the channels are consumed (the input of each sink
+    layer: after BN/ReLU/GELU, which is what the next layer actually sees).
+
+    mean_abs_act: mean |x_c| times the L2 norm of the sink weight slice that reads channel c,
+    i.e. the expected size of the channel's contribution to the next layer's output (a
+    structured form of Wanda's |W|*|x|). apoz: 1 - the fraction of zeros of x_c (Average
+    Percentage of Zeros, for ReLU networks). Scores of several sinks are normalized and summed.
+    """
+    sinks = [(group, action) for group in groups for action in group.actions
+             if action.role == "sink" and action.node is not None]
+    if not sinks:
         return {}
     calibration = ctx.require_calibration(model)
-    captured = capture(model, list(outputs), calibration, limit=samples)
+    names = sorted({action.node.input(0).name for _, action in sinks})
+    captured = capture(model, names, calibration, limit=samples)
     stats: dict[int, np.ndarray] = {}
-    for name, (group, value) in outputs.items():
-        index = group.index
-        axis = 1 if value.producer.op_type in ("Gemm", "Conv", "ConvTranspose") else -1
-        # A unit may own a span of the axis (an attention head owns head-size columns): the
-        # moved axis is split into [units, span] and the span joins the statistics.
-        arrays = [np.moveaxis(a, axis, 0).reshape(group.size, -1) for a in captured[name]]
-        data = np.concatenate(arrays, axis=1)
+    for group, action in sinks:
+        node = action.node
+        axis = 1 if node.op_type in ("Conv", "ConvTranspose", "Gemm") else -1
+        # A unit may own a span of the axis (an attention head owns head-size columns, a
+        # flattened channel owns H*W features): split the axis into [units, span].
+        data = np.concatenate([np.moveaxis(a, axis, 0).reshape(group.size, -1)
+                               for a in captured[node.input(0).name]], axis=1)
         if criterion == "apoz":
-            score = 1.0 - (data <= 0).mean(axis=1)  # more zeros -> less important
+            score = 1.0 - (data == 0).mean(axis=1)  # more zeros -> less important
         else:
-            score = np.abs(data).mean(axis=1)
+            weight = np.moveaxis(action.value.const.astype(np.float64), action.axis, 0)
+            score = np.abs(data).mean(axis=1) * np.sqrt(
+                (weight.reshape(group.size, -1) ** 2).sum(axis=1))
         score = score / (score.mean() + 1e-12)
-        stats[index] = stats.get(index, 0) + score
+        stats[group.index] = stats.get(group.index, 0) + score
     return stats
 
 
@@ -95,10 +105,11 @@ def _round_unit(group: ChannelGroup, round_to: int) -> int:
 
 def kept_counts(groups: list[ChannelGroup], scores: dict[int, np.ndarray], ratio: float,
                 schedule: str, round_to: int, head_ratio: float | None = None,
-                ratios: dict[int, float] | None = None) -> dict[int, int]:
+                weights: dict[int, float] | None = None) -> dict[int, int]:
     """How many channels each group keeps: the same fraction everywhere (uniform), one
     threshold over normalized importance across groups (global), or per-group fractions from a
-    sensitivity scan (`ratios`). Attention-head groups use `head_ratio` when it is given."""
+    sensitivity scan (`weights` multiply the ratio per group). Attention-head groups use
+    `head_ratio` when it is given."""
     counts = {}
     heads = [g for g in groups if g.kind == "heads"] if head_ratio is not None else []
     for group in heads:
@@ -114,7 +125,7 @@ def kept_counts(groups: list[ChannelGroup], scores: dict[int, np.ndarray], ratio
                 _round_unit(group, round_to))
         return counts
     for group in rest:
-        group_ratio = ratios.get(group.index, ratio) if ratios else ratio
+        group_ratio = min(0.95, ratio * weights.get(group.index, 1.0)) if weights else ratio
         counts[group.index] = _round_kept(group.size, group.size * (1 - group_ratio),
                                           _round_unit(group, round_to))
     return counts
@@ -126,10 +137,14 @@ class PruneChannels(Pass):
     of tensor dims that must shrink together: producer weights, BatchNorm/bias parameters,
     residual partners, consumer weights), making tensors, weights and MACs physically smaller.
 
-    Groups the dependency analysis cannot prove safe are left whole and reported. Kept counts are
-    rounded to a multiple of `round_to` and never reach zero. `target_macs` searches the ratio
+    Attention heads are one group per layer, pruned a whole head at a time across Q/K/V, the head
+    Reshapes and the output projection (`head_ratio`); FFN hidden units are ordinary groups.
+    `schedule` spreads the ratio uniformly, globally (one importance ranking across groups) or
+    by a sensitivity scan. Groups the dependency analysis cannot prove safe are left whole and
+    reported. Kept counts are rounded to a multiple of `round_to` and never reach zero. `target_macs` searches the ratio
     that keeps at most that fraction of MACs. `reconstruct` refits each consumer layer by least
-    squares on calibration activations so its output matches the original model's.
+    squares on calibration activations so its output matches the original model's; `compensate`
+only moves the removed channels' mean contribution into the consumer's bias (cheap).
     """
     name = "prune-channels"
     requires_static_shapes = True
@@ -138,10 +153,12 @@ class PruneChannels(Pass):
         "target_macs": Option(float, 0.0, "fraction of MACs to keep (overrides ratio when > 0)"),
         "criterion": Option(str, "l1", "channel importance", choices=CRITERIA),
         "schedule": Option(str, "uniform", "how ratios spread over groups",
-                           choices=("uniform", "global")),
+                           choices=("uniform", "global", "sensitivity")),
         "head_ratio": Option(float, -1.0, "fraction of attention heads removed (default: ratio)"),
         "round_to": Option(int, 8, "kept channel counts are multiples of this"),
         "reconstruct": Option(bool, False, "least-squares refit of consumer layers"),
+        "compensate": Option(bool, False, "fold the calibration mean of removed channels into "
+                             "the consumer's bias"),
         "samples": Option(int, 64, "calibration samples for data-aware steps"),
     }
 
@@ -156,14 +173,20 @@ class PruneChannels(Pass):
         scores = channel_importance(model, prunable, self.criterion, ctx, self.samples)
         reference = self._reference(model) if self.reconstruct else None
         macs_before = graph_cost(model.graph).macs
+        self._weights = None
+        if self.schedule == "sensitivity" and prunable:
+            probe = self.ratio if self.ratio > 0 else 0.5
+            self._weights = sensitivity_weights(model, prunable, scores, probe, ctx)
         ratio = self._ratio_for_target(model, prunable, scores, macs_before)
         counts = kept_counts(prunable, scores, ratio, self.schedule, self.round_to,
-                             self._head_ratio())
+                             self._head_ratio(), self._weights)
         kept = {g.index: np.sort(np.argsort(-scores[g.index], kind="stable")[:counts[g.index]])
                 for g in prunable if counts[g.index] < g.size}
+        shifts = mean_shifts(model, groups, kept, ctx, self.samples) if self.compensate else {}
         removed = remove_channels(model.graph, groups, kept)
+        compensated = apply_mean_shifts(model.graph, shifts)
         infer_shapes(model)
-        details = {"ratio": ratio, "channels_removed": removed,
+        details = {"compensated": compensated, "ratio": ratio, "channels_removed": removed,
                    "groups_pruned": len(kept), "groups_prunable": len(prunable),
                    "frozen_groups": [{"channels": g.size, "reasons": sorted(set(g.frozen))[:3],
                                       "members": g.describe()["members"][:4]} for g in frozen]}
@@ -194,7 +217,7 @@ class PruneChannels(Pass):
             trial_groups = analyze_groups(trial.graph)
             trial_prunable = {g.index: g for g in trial_groups if g.prunable}
             counts = kept_counts(list(trial_prunable.values()), scores, middle, self.schedule,
-                                 self.round_to, self._head_ratio())
+                                 self.round_to, self._head_ratio(), self._weights)
             kept = {i: np.arange(counts[i]) for i, g in trial_prunable.items()
                     if counts[i] < g.size}
             remove_channels(trial.graph, trial_groups, kept)

@@ -5,6 +5,10 @@ topological order: capture its input in the pruned model and its output in the o
 calibration data, then solve min ||X_pruned W' - (Y_original - b)||^2 (+ a small ridge term for
 stability) for the remaining weights. Earlier layers are refitted first, so later ones see the
 refitted activations. Convolutions are solved on im2col patches (NCHW, OIHW).
+
+Token models: when the model has an attention-mask input [B, S] and a layer's input starts with
+[B, S], rows of padding tokens are left out of the fit; their hidden states are never pooled, and
+in short calibration sentences they are half the rows, which otherwise pull the fit their way.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ from .groups import ChannelGroup
 
 __all__ = ["reconstruct_consumers", "im2col"]
 
-_RIDGE = 1e-3  # relative to the mean diagonal of X^T X
+# Ridge strength relative to the mean diagonal of X^T X. The ridge pulls toward the layer's
+# current (pruned) weights, not toward zero: with few calibration rows per input feature (token
+# models) an unanchored fit overfits and generalizes worse than no refit at all.
+_RIDGE = 1e-2
 
 
 def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
@@ -106,12 +113,40 @@ def reconstruct_consumers(model: Model, reference: Model, groups: list[ChannelGr
         if bias is not None and bias.is_constant and bias.const.size == y.shape[1]:
             y = y - bias.const.reshape(1, -1)
         design = _design(node, x)
+        real = _real_token_rows(model, calibration, samples, x.shape)
+        if real is not None:
+            design, y = design[real], y[real]
         gram = design.T @ design
-        gram += np.eye(len(gram)) * _RIDGE * (np.trace(gram) / len(gram) + 1e-12)
-        solution = np.linalg.solve(gram, design.T @ y)  # [inputs, outputs]
+        strength = _RIDGE * (np.trace(gram) / len(gram) + 1e-12)
+        gram += np.eye(len(gram)) * strength
+        anchor = _as_solution(node, node.input(1).const.astype(np.float64))
+        solution = np.linalg.solve(gram, design.T @ y + strength * anchor)  # [inputs, outputs]
         _set_weight(model, node, solution)
         refitted.append(node.name)
     return refitted
+
+
+def _real_token_rows(model: Model, calibration, samples: int, shape) -> np.ndarray | None:
+    """Boolean row mask of non-padding tokens for a [B, S, features] layer input, else None."""
+    masks = [v for v in model.graph.inputs if "mask" in v.name.lower() and v.shape is not None
+             and len(v.shape) == 2]
+    if not masks or len(shape) != 3:
+        return None
+    feeds = calibration.feeds(model, samples)
+    mask = np.concatenate([feed[masks[0].name] for feed in feeds])
+    if mask.shape[0] * mask.shape[1] * shape[2] != np.prod(shape) or mask.shape[1] != shape[1]:
+        return None
+    rows = mask.reshape(-1) != 0
+    return rows if rows.any() else None
+
+
+def _as_solution(node: Node, weight: np.ndarray) -> np.ndarray:
+    """A layer's weight in the [inputs, outputs] layout that the solver uses (see _set_weight)."""
+    if node.op_type == "Conv":
+        return weight.reshape(weight.shape[0], -1).T
+    if node.op_type == "Gemm" and node.attr("transB", 0):
+        return weight.T
+    return weight
 
 
 def _set_weight(model: Model, node: Node, solution: np.ndarray) -> None:

@@ -6,9 +6,10 @@ a token's features for MatMul, a row of A for Gemm, an im2col patch for Conv. Th
 - SparseGPT's Hessian of the layer-wise squared error is H;
 - the output error of a weight change dW is trace(dW H dW^T) (used by the sensitivity scan).
 
-Activations come from `passes.calibration.capture` (onnxruntime with extra outputs), a few
-layers at a time so that memory stays bounded; layers reading the same tensor the same way
-(Q/K/V projections) share one statistic.
+Activations come from one onnxruntime run per calibration feed with every layer input as an extra
+output (`passes.calibration.make_session`), folded into the statistics feed by feed so that the
+model runs once over the data and memory stays bounded; layers reading the same tensor the same
+way (Q/K/V projections) share one statistic.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx
 
-from ir import Model
+from ir import Model, to_onnx
 
-from ..calibration import CalibrationSet, capture
+from ..calibration import CalibrationSet, make_session
 from .layers import SparsifyTarget
 
 __all__ = ["InputStatistics", "collect_statistics", "conv_patches"]
@@ -27,8 +29,8 @@ __all__ = ["InputStatistics", "collect_statistics", "conv_patches"]
 # Rows of x used per calibration feed at most (conv layers on large images have many patches;
 # a seeded subsample of positions estimates H as well).
 MAX_ROWS_PER_FEED = 4096
-# Captured activations held in memory at once, in bytes.
-CAPTURE_BUDGET = 256 * 2**20
+# Bytes of rows x gathered per statistic before one x^T x product (bounds memory, keeps BLAS busy).
+ROW_BUFFER_BYTES = 32 * 2**20
 
 
 class InputStatistics:
@@ -40,8 +42,11 @@ class InputStatistics:
         self.rows = 0
 
     def add(self, per_group_rows: list[np.ndarray]) -> None:
+        """Fold in rows x [rows, columns]. The product runs in float32 (a few thousand rows per
+        call, so rounding stays ~1e-6 relative, far below SparseGPT's 1% dampening) and is summed
+        in float64 across calls."""
         for index, x in enumerate(per_group_rows):
-            x = x.astype(np.float64)
+            x = np.ascontiguousarray(x, dtype=np.float32)
             self.sums[index] += x.T @ x if self.full else np.einsum("ij,ij->j", x, x)
         self.rows += len(per_group_rows[0])
 
@@ -136,6 +141,10 @@ def collect_statistics(model: Model, targets: list[SparsifyTarget], calibration:
                        row_mask_input: str | None = None) -> list[InputStatistics]:
     """One InputStatistics per target (shared between targets reading the same input).
 
+    The model runs once per calibration feed with every target's input as an extra output, and
+    each feed's activations are folded into the statistics before the next feed runs: one pass
+    over the data whatever the number of layers, and memory bounded by one feed's activations
+    (plus ROW_BUFFER_BYTES of rows per statistic, so that x^T x runs as one large BLAS product).
     `row_mask_input` names a graph input whose 0 entries mark rows to leave out (see
     `layer_rows`)."""
     rng = np.random.default_rng(seed)
@@ -147,40 +156,41 @@ def collect_statistics(model: Model, targets: list[SparsifyTarget], calibration:
             columns = target.matrix().shape[1]
             keyed[key] = InputStatistics(target.groups, columns, full)
             owners[key] = target
-    feeds = max(1, min(samples, len(calibration)))
-    masks = None
-    if row_mask_input is not None:
-        masks = [feed[row_mask_input] for feed in calibration.feeds(model, samples)]
-    chunks = _capture_chunks(owners, feeds)
-    iterate = progress(chunks, total=len(chunks), desc="sparsify: calibration") if progress \
-        else chunks
-    for chunk in iterate:
-        names = sorted({owners[key].node.input(0).name for key in chunk})
-        captured = capture(model, names, calibration, limit=samples)
-        for key in chunk:
-            target = owners[key]
-            for index, activation in enumerate(captured[target.node.input(0).name]):
-                mask = masks[index] if masks is not None else None
-                rows = layer_rows(np.asarray(activation), target, mask)
-                if len(rows[0]) > MAX_ROWS_PER_FEED:
-                    pick = np.sort(rng.choice(len(rows[0]), MAX_ROWS_PER_FEED, replace=False))
-                    rows = [r[pick] for r in rows]
-                keyed[key].add(rows)
+    names = sorted({target.node.input(0).name for target in owners.values()})
+    session = _capture_session(model, names)
+    feeds = calibration.feeds(model, samples)
+    buffers: dict[tuple, list[list[np.ndarray]]] = {key: [] for key in keyed}
+    iterate = progress(feeds, total=len(feeds), desc="sparsify: calibration") if progress \
+        else feeds
+    for feed in iterate:
+        captured = dict(zip(names, session.run(names, feed)))
+        mask = feed[row_mask_input] if row_mask_input is not None else None
+        for key, target in owners.items():
+            rows = layer_rows(np.asarray(captured[target.node.input(0).name]), target, mask)
+            if len(rows[0]) > MAX_ROWS_PER_FEED:
+                pick = np.sort(rng.choice(len(rows[0]), MAX_ROWS_PER_FEED, replace=False))
+                rows = [r[pick] for r in rows]
+            buffers[key].append(rows)
+            if sum(r.nbytes for parts in buffers[key] for r in parts) >= ROW_BUFFER_BYTES:
+                _flush(keyed[key], buffers[key])
         del captured
+    for key in keyed:
+        _flush(keyed[key], buffers[key])
     return [keyed[_statistic_key(t)] for t in targets]
 
 
-def _capture_chunks(owners: dict[tuple, SparsifyTarget], feeds: int) -> list[list[tuple]]:
-    """Group statistic keys so that each capture run holds about CAPTURE_BUDGET bytes."""
-    chunks: list[list[tuple]] = [[]]
-    used = 0
-    for key, target in owners.items():
-        value = target.node.input(0)
-        elements = int(np.prod([d if isinstance(d, int) else 1 for d in (value.shape or (1,))]))
-        cost = elements * 4 * feeds
-        if chunks[-1] and used + cost > CAPTURE_BUDGET:
-            chunks.append([])
-            used = 0
-        chunks[-1].append(key)
-        used += cost
-    return [c for c in chunks if c]
+def _flush(stat: InputStatistics, buffered: list[list[np.ndarray]]) -> None:
+    if buffered:
+        stat.add([np.concatenate(parts) for parts in zip(*buffered)])
+        buffered.clear()
+
+
+def _capture_session(model: Model, names: list[str]):
+    """An onnxruntime session of the model with `names` added to its outputs."""
+    proto = to_onnx(model)
+    listed = {o.name for o in proto.graph.output}
+    for name in names:
+        if name not in listed:
+            proto.graph.output.append(onnx.ValueInfoProto(name=name))
+            listed.add(name)
+    return make_session(proto)

@@ -3,8 +3,11 @@
 For every case: run the original model in onnxruntime on the case's inputs; load it into the IR,
 infer shapes, run the `cleanup` pipeline, export it again, run that, and compare the outputs with
 the case's own tolerances. Cases whose original onnxruntime cannot run are counted apart ("not
-runnable"): they say nothing about us. Outputs of nondeterministic ops (random generators,
-training-mode Dropout) are compared by type and shape only.
+runnable"): they say nothing about us. For those, the same check is made with onnx's reference
+evaluator where it can run the original (`details["reference"]`), reported separately. Outputs of
+nondeterministic ops (random generators, training-mode Dropout) are compared by type and shape only.
+Inputs and outputs of types numpy's bridge to onnxruntime lacks (bfloat16, float8, int4: ml_dtypes
+arrays) travel as OrtValues.
 
 Suites: `node` (the ~1,900 cases onnx.backend.test.case.node.collect_testcases generates) and the
 model data shipped under onnx/backend/test/data: simple, pytorch-converted, pytorch-operator and
@@ -140,15 +143,15 @@ def _session(model: onnx.ModelProto):
                                 providers=["CPUExecutionProvider"])
 
 
-def _feeds(model: onnx.ModelProto, inputs: list) -> dict:
+def _feeds(model: onnx.ModelProto, inputs: list, for_onnxruntime: bool = True) -> dict:
     """Test inputs bind in order to the graph inputs that are not initializers (IR<4 files list
     initializers among the inputs too)."""
     initializers = {t.name for t in model.graph.initializer}
     real = [info for info in model.graph.input if info.name not in initializers]
-    return {info.name: _as_feed(value) for info, value in zip(real, inputs)}
+    return {info.name: _as_feed(value, for_onnxruntime) for info, value in zip(real, inputs)}
 
 
-def _as_feed(value):
+def _as_feed(value, for_onnxruntime: bool = True):
     """The generated cases give scalar inputs as numpy scalars and low-precision ones (float8,
     int4, ...) as TensorProtos; onnxruntime wants arrays, or OrtValues for the dtypes its
     numpy bridge lacks (bfloat16, float8, int4: ml_dtypes arrays)."""
@@ -156,7 +159,7 @@ def _as_feed(value):
         value = numpy_helper.to_array(value)
     if isinstance(value, np.generic):
         value = np.asarray(value)
-    if isinstance(value, np.ndarray) and _is_exotic(value.dtype):
+    if for_onnxruntime and isinstance(value, np.ndarray) and _is_exotic(value.dtype):
         return _to_ort_value(value)
     return value
 
@@ -231,7 +234,9 @@ def run_case(case: Case) -> Outcome:
         expected_sets = [_run(original, _feeds(case.model, inputs))
                          for inputs, _ in case.data_sets]
     except Exception as exc:
-        return outcome("not-runnable", _first_line(exc))
+        result = outcome("not-runnable", _first_line(exc))
+        result.details["reference"] = _check_with_reference(case)
+        return result
     try:
         converted = round_trip(case.model)
     except Exception as exc:
@@ -252,6 +257,39 @@ def run_case(case: Case) -> Outcome:
         if problem:
             return outcome("mismatch", problem)
     return outcome("match", "types and shapes only (random op)" if shape_only else "")
+
+
+def _check_with_reference(case: Case) -> str:
+    """For a case onnxruntime cannot run (newer opset, missing kernel): the same round-trip
+    check with onnx's reference evaluator. Returns "match", "cannot run" (the evaluator cannot
+    run the original either) or "failed: <reason>". Reported apart from onnxruntime's counts."""
+    from onnx.reference import ReferenceEvaluator
+
+    def feeds(model, inputs, names=None):
+        return {k: v for k, v in _feeds(model, inputs, for_onnxruntime=False).items()
+                if names is None or k in names}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            original = ReferenceEvaluator(case.model)
+            expected_sets = [original.run(None, feeds(case.model, inputs))
+                             for inputs, _ in case.data_sets]
+    except Exception:
+        return "cannot run"
+    try:
+        converted = ReferenceEvaluator(round_trip(case.model))
+        names = set(converted.input_names)
+        shape_only = _has_random_output(case.model)
+        for (inputs, _), expected in zip(case.data_sets, expected_sets):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                actual = converted.run(None, feeds(case.model, inputs, names))
+            problem = _compare(expected, actual, case.rtol, case.atol, shape_only)
+            if problem:
+                return f"failed: {problem}"
+    except Exception as exc:
+        return f"failed: {type(exc).__name__}: {_first_line(exc)}"
+    return "match"
 
 
 def _has_random_output(model: onnx.ModelProto) -> bool:

@@ -172,3 +172,18 @@ def test_inference_dropout_is_removed_training_dropout_is_kept():
     model, result = _run_pass(proto, RemoveIdentity())
     assert result.details["removed"] == 1
     assert [n.name for n in model.graph.nodes] == ["training", "relu"]
+
+
+def test_training_dropout_on_constants_is_not_folded():
+    """A training-mode Dropout's mask is random: folding it would freeze one draw."""
+    data = numpy_helper.from_array(np.ones(3, np.float32), "data")
+    training = numpy_helper.from_array(np.array(True), "training")
+    ratio = numpy_helper.from_array(np.array(0.5, np.float32), "ratio")
+    proto = _identity_model([helper.make_node("Dropout", ["data", "ratio", "training"], ["d"],
+                                              name="dropout"),
+                             helper.make_node("Add", ["x", "d"], ["y"], name="add")],
+                            initializers=[data, training, ratio])
+    model = ir.load_model(proto)
+    ir.infer_shapes(model)
+    PassManager(build_pipeline("cleanup")).run(model)
+    assert [n.op_type for n in model.graph.nodes] == ["Dropout", "Add"]

@@ -282,3 +282,28 @@ def test_duplicate_name_in_one_graph_is_refused():
                               [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1])])
     with pytest.raises(ir.GraphError, match="duplicate"):
         ir.load_model(_model(graph))
+
+
+def test_numeric_attribute_set_by_a_pass_as_numpy_keeps_its_type():
+    model = ir.load_model(conv_bn_relu_gemm())
+    conv = model.graph.find_node("conv")
+    conv.attrs["pads"] = np.array([1, 1, 1, 1], np.int64)  # e.g. computed by a rewrite
+    model.graph.find_node("bn").attrs["epsilon"] = np.float32(1e-5)
+    exported = ir.to_onnx(model)
+    pads = next(a for a in exported.graph.node[0].attribute if a.name == "pads")
+    assert (pads.type, list(pads.ints)) == (AttributeProto.INTS, [1, 1, 1, 1])
+    epsilon = next(a for a in exported.graph.node[1].attribute if a.name == "epsilon")
+    assert epsilon.type == AttributeProto.FLOAT
+    onnx.checker.check_model(exported)
+
+
+def test_unnamed_nodes_get_names_that_no_value_uses():
+    """An unnamed Relu must not be named "Relu" when a value later in the file is called so."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Neg", ["r"], ["Relu"])]
+    graph = helper.make_graph(nodes, "names",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("Relu", TensorProto.FLOAT, [2])])
+    model = ir.load_model(_model(graph))
+    names = [n.name for n in model.graph.nodes]
+    assert all(names) and len(set(names)) == 2 and "Relu" not in names
+    assert [v.name for v in model.graph.outputs] == ["Relu"]

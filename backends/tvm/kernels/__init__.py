@@ -4,11 +4,19 @@ the cost model that picks between them, and `dispatch`, the hook `backends.tvm.l
     bsr.py     dense weight -> BSR; the BSR kernel (K-major activations, register tiles)
     dense.py   our dense kernel in the same schedule style (the fair baseline)
     choice.py  formats per sparsity pattern, break-even densities per target, Relax emitters
+    int8.py    int8 BSR/dense kernel: int32 accumulation (vpmaddwd / sdot), fused requantize
+    qdq.py     QDQ MatMul/Gemm/1x1 Conv -> the int8 kernel (dequantizing store)
+    cuda.py    the BSR kernel for CUDA (compile-checked only)
+    tune.py    searching the schedule knobs on the real pattern (MetaSchedule does not fit)
 
-`dispatch(ctx, node)` handles MatMul (constant 2-D weight), Gemm (transA=0, constant B, bias
+`dispatch(ctx, node)` first sends QDQ-quantized MatMul/Gemm/1x1 Conv (weight with `meta["quant"]`)
+to the int8 kernel when the target has a vector int8 product (see qdq.py). Otherwise it handles
+MatMul (constant 2-D weight), Gemm (transA=0, constant B, bias
 broadcast along N) and 1x1 Conv (stride 1, no padding, group 1) in float32, when the weight's
 `meta["sparsity"]` makes the BSR kernel the faster choice. It returns None (dense lowering) in
-every other case. The decision is written into `ctx.weight_meta[weight]["kernel"]`, which the
+every other case. The target comes from `ctx.target` (TargetSpec, target dict or tvm Target) when
+the lowering sets it; without it the host's x86 choices apply and the int8 path is off. The
+decision is written into `ctx.weight_meta[weight]["kernel"]`, which the
 backend reports per layer (manifest `weight_meta`).
 """
 
@@ -20,6 +28,7 @@ from .bsr import BSR, to_bsr, bsr_matmul_kn, cpu_schedule
 from .choice import (BREAK_EVEN_DENSITY, KernelChoice, choose_kernel, emit_sparse_conv1x1,
                      emit_sparse_matmul, kernel_choice, storage_format, target_family)
 from .dense import dense_matmul_kn
+from .qdq import emit_int8
 
 __all__ = ["dispatch", "choose_kernel", "kernel_choice", "emit_sparse_matmul",
            "emit_sparse_conv1x1", "storage_format", "target_family", "BREAK_EVEN_DENSITY",
@@ -27,7 +36,9 @@ __all__ = ["dispatch", "choose_kernel", "kernel_choice", "emit_sparse_matmul",
 
 
 def _target_of(ctx):
-    """The lowering target as a dict or tvm Target (host CPU when the context has none)."""
+    """The lowering target as a dict or tvm Target; None when the context has none (then the
+    float BSR kernel, plain portable TIR, is still used and scheduled for x86 AVX2, while the
+    int8 kernels, which call target-specific intrinsics, are not)."""
     target = getattr(ctx, "target", None)
     if target is not None and hasattr(target, "config"):       # backends.tvm.targets.TargetSpec
         return target.config
@@ -81,7 +92,17 @@ def dispatch(ctx, node):
     None lets `backends.tvm.lower` use the dense lowering."""
     w_value = node.input(1)
     meta = ctx.weight_meta_of(w_value)
-    if "sparsity" not in meta or str(np.dtype(node.output.dtype)) != "float32":
+    if str(np.dtype(node.output.dtype)) != "float32":
+        return None
+    name = "".join(ch if ch.isalnum() else "_" for ch in (node.name or node.op_type))
+    target = _target_of(ctx)
+    if "quant" in meta and target is not None and target_family(target) != "cuda":
+        emitted = emit_int8(ctx, node, meta, target, name)
+        if emitted is not None:
+            result, record = emitted
+            _record(ctx, w_value, record)
+            return result
+    if "sparsity" not in meta:
         return None
     found = _weight_and_bias(ctx, node)
     if found is None:
@@ -89,12 +110,10 @@ def dispatch(ctx, node):
                                                            f"by the BSR kernel"})
         return None
     weight, bias, kind = found
-    target = _target_of(ctx)
     choice = kernel_choice(meta, weight, target)
     _record(ctx, w_value, dict(choice.as_dict(), node=node.name))
     if choice.kernel != "bsr":
         return None
-    name = "".join(ch if ch.isalnum() else "_" for ch in (node.name or node.op_type))
     emit = emit_sparse_matmul if kind == "matmul" else emit_sparse_conv1x1
     return emit(ctx.bb, ctx.expr(node.inputs[0]), weight, bias, meta, target, name=name,
                 make_param=ctx.param)

@@ -6,9 +6,11 @@ dearer (an index load per block, a row loop per block row). It wins when
     block_density < threshold[target family][block class]
 
 The thresholds are break-even block densities measured with `bench/sparse_kernels.py` (MiniLM FFN
-and ResNet 1x1 shapes, ours sparse vs ours dense, see bench/results/sparse_kernels.md), rounded
-down for safety. ARM values are not measured (no board here): they reuse the x86 numbers, which
-is conservative for NEON's 32 registers. CUDA has no BSR kernel here, so it always gets dense.
+and ResNet 1x1 shapes, ours sparse vs ours dense, x86 AVX2, bench/results/sparse_kernels.md),
+rounded down: 4x1 blocks were 1.5-2.2x faster than dense at density 0.5 (0.9x for a K = 64 conv)
+-> 0.45; 1x1 blocks (CSR) broke even near 0.5 (0.8-1.0x) and gave 1.7-2x at 0.3 -> 0.3. ARM
+values are not measured (no board here): they reuse the x86 numbers. The CUDA kernel
+(`cuda.py`) is compile-checked only, so GPU targets always get dense.
 
 Formats (`storage_format`): "block" patterns keep their R x C blocks; "unstructured" weights use
 1x1 blocks (plain CSR, the nearest format that keeps their zeros); N:M (2:4) keeps N of every M

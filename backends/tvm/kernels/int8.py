@@ -29,7 +29,8 @@ import numpy as np
 
 from .bsr import BSR
 
-__all__ = ["QuantParams", "quantize_params", "bsr_int8_kn", "pack_activations", "requantize_ref",
+__all__ = ["QuantParams", "quantize_params", "dequantize_params", "bsr_int8_kn",
+           "pack_activations", "requantize_ref",
            "int8_method_for"]
 
 
@@ -52,6 +53,16 @@ def quantize_params(weight_q: np.ndarray, sx: float, zx: int, sw, sy: float, zy:
     bias_q = bias_q - int(zx) * row_sums
     mult = (np.float32(sx) * sw / np.float32(sy)).astype(np.float32)
     return QuantParams(bias_q.astype(np.int32), mult, int(zy), bool(relu))
+
+
+def dequantize_params(weight_q: np.ndarray, sx: float, zx: int, sw) -> tuple[np.ndarray,
+                                                                            np.ndarray]:
+    """(B int32 [N], M float32 [N]) for the float-output kernel: B = -zx * row sums of W (the
+    activation zero point), M = sx * sw[n]."""
+    n = weight_q.shape[0]
+    sw = np.broadcast_to(np.asarray(sw, np.float32).reshape(-1), (n,))
+    row_sums = weight_q.reshape(n, -1).astype(np.int64).sum(axis=1)
+    return (-int(zx) * row_sums).astype(np.int32), (np.float32(sx) * sw).astype(np.float32)
 
 
 def requantize_ref(acc: np.ndarray, q: QuantParams) -> np.ndarray:
@@ -98,11 +109,15 @@ def _packed_weights(bsr: BSR, method: str) -> np.ndarray:
 
 
 def bsr_int8_kn(bsr: BSR, batch: int, p: int, q_relu: bool = False, *, method: str = "int32",
-                lanes: int = 8, tile_p: int | None = None):
+                lanes: int = 8, tile_p: int | None = None, out_dtype: str = "int8"):
     """(PrimFunc, packed weight data) for Y int8 = requant(W @ X). PrimFunc arguments:
     `(X packed, data packed, data int8 [nnzb, R, C], indices, indptr, bias_q int32[N],
     mult f32[N], zy int32[1], Y int8[b, N, P])` (the plain int8 data serves the ragged P tail of
-    the packed methods). `q_relu` fuses ReLU (the lower clamp becomes zy)."""
+    the packed methods). `q_relu` fuses ReLU (the lower clamp becomes zy).
+
+    out_dtype="float32" dequantizes instead of requantizing (for a QDQ graph whose consumer is
+    float): Y = float32(acc + B[n]) * M[n] + F[n] (ReLU), with the argument `Z` replaced by the
+    float bias F[N]; use `dequantize_params` for B and M."""
     from tvm.script import tirx as T
 
     n, k = bsr.shape
@@ -125,6 +140,9 @@ def bsr_int8_kn(bsr: BSR, batch: int, p: int, q_relu: bool = False, *, method: s
     data = _packed_weights(bsr, method)
     w_dtype = "int8" if method == "int32" else "int32"
     relu = bool(q_relu)
+    if out_dtype not in ("int8", "float32"):
+        raise ValueError(f"out_dtype must be int8 or float32, not {out_dtype!r}")
+    z_shape, z_dtype = ((1,), "int32") if out_dtype == "int8" else ((n,), "float32")
 
     if method == "int32":
         x_shape = (batch, k, p)
@@ -184,18 +202,27 @@ def bsr_int8_kn(bsr: BSR, batch: int, p: int, q_relu: bool = False, *, method: s
         for rr in T.unroll(r):
             if not ragged_rows or bi * r + rr < n:
                 for pp in T.vectorized(wt):
-                    y[b, bi * r + rr, p0 + pp] = T.Cast("int8", T.max(T.min(
-                        T.Cast("int32", T.nearbyint(
+                    if out_dtype == "int8":
+                        y[b, bi * r + rr, p0 + pp] = T.Cast("int8", T.max(T.min(
+                            T.Cast("int32", T.nearbyint(
+                                T.Cast("float32", acc[rr, pp] + w_bias[bi * r + rr])
+                                * w_mult[bi * r + rr])) + zero_point[0], 127),
+                            zero_point[0] if relu else -128))
+                    elif relu:
+                        y[b, bi * r + rr, p0 + pp] = T.max(
                             T.Cast("float32", acc[rr, pp] + w_bias[bi * r + rr])
-                            * w_mult[bi * r + rr])) + zero_point[0], 127),
-                        zero_point[0] if relu else -128))
+                            * w_mult[bi * r + rr] + zero_point[bi * r + rr], T.float32(0))
+                    else:
+                        y[b, bi * r + rr, p0 + pp] = \
+                            T.Cast("float32", acc[rr, pp] + w_bias[bi * r + rr]) \
+                            * w_mult[bi * r + rr] + zero_point[bi * r + rr]
 
     @T.prim_func
     def bsr_int8(X: T.Buffer(x_shape, x_dtype), data: T.Buffer((nnzb, r, c // group), w_dtype),
                  R: T.Buffer((nnzb, r, c), "int8"),
                  indices: T.Buffer((nnzb,), "int32"), indptr: T.Buffer((nb + 1,), "int32"),
                  B: T.Buffer((n,), "int32"), M: T.Buffer((n,), "float32"),
-                 Z: T.Buffer((1,), "int32"), Y: T.Buffer((batch, n, p), "int8")):
+                 Z: T.Buffer(z_shape, z_dtype), Y: T.Buffer((batch, n, p), out_dtype)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         for b in range(batch):
             for bi in T.parallel(nb):

@@ -63,25 +63,55 @@ def test_tuned_small_model_matches(tmp_path):
     _compare(path, tmp_path, trials=8)
 
 
-def test_rasp4b_artifact_under_qemu(tmp_path):
+def _qemu_root():
+    """The aarch64 Python root: QEMU_TVM_ROOT if set, else built (once, cached) by
+    backends.tvm.qemu_root, which needs the network the first time."""
+    from backends.tvm import qemu_root
+    if shutil.which("qemu-aarch64") is None or shutil.which("aarch64-linux-gnu-gcc") is None:
+        pytest.skip("apt-get install -y qemu-user gcc-aarch64-linux-gnu")
     root = os.environ.get("QEMU_TVM_ROOT")
-    if not root or shutil.which("qemu-aarch64") is None:
-        pytest.skip("set QEMU_TVM_ROOT (see backends/tvm/README.md) and install qemu-user")
-    from backends.tvm.build import compile_artifact
-    from backends.tvm.run import load_artifact
+    try:
+        return Path(root) if root else qemu_root.ensure_root(log=lambda m: None)
+    except qemu_root.QemuRootError as exc:
+        pytest.skip(f"cannot prepare the aarch64 root: {exc}")
+
+
+def _digits_path():
+    from models.digits import MODEL_PATH
+    return MODEL_PATH
+
+
+def _squeezenet_path():
     from models.onnx_zoo import light_model_path
-    for path in [light_model_path("squeezenet")]:
-        model = ir.load_model(path)
-        compress(model, "cleanup")
-        host_dir, arm_dir = tmp_path / "host", tmp_path / "arm"
-        compile_artifact(model, "host", host_dir)
-        compile_artifact(model, "rasp4b", arm_dir)
-        x = np.random.default_rng(0).standard_normal(
-            tuple(model.graph.inputs[0].shape)).astype(np.float32)
-        np.save(tmp_path / "x.npy", x)
-        env = {**os.environ, "PYTHONPATH": f"{root}/site"}
-        subprocess.run(["qemu-aarch64", "-L", root, f"{root}/usr/bin/python3.11",
-                        str(arm_dir / "run.py"), str(arm_dir), "--input", str(tmp_path / "x.npy"),
-                        "--output", str(tmp_path / "y.npy")], check=True, env=env, timeout=1800)
-        np.testing.assert_allclose(np.load(tmp_path / "y.npy"), load_artifact(host_dir).run(x)[0],
-                                   rtol=1e-4, atol=1e-5)
+    return light_model_path("squeezenet")
+
+
+@pytest.mark.parametrize("model_path", [_digits_path, _squeezenet_path],
+                         ids=["digits", "squeezenet"])
+def test_rasp4b_artifact_under_qemu(model_path, tmp_path):
+    """The rasp4b artifact made by the CLI runs on an emulated aarch64 Python and gives the
+    host artifact's result (both from `passes.run ... --passes cleanup`)."""
+    import sys
+    from backends.tvm import qemu_root
+    from backends.tvm.run import load_artifact
+    root = _qemu_root()
+    repo = Path(__file__).resolve().parents[3]
+    path = model_path()
+    for target in ("host", "rasp4b"):
+        subprocess.run([sys.executable, "-m", "passes.run", str(path), "--passes", "cleanup",
+                        "--target", target, "--out-dir", str(tmp_path / target),
+                        "-o", str(tmp_path / "cleaned.onnx")],
+                       check=True, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)},
+                       capture_output=True, timeout=1800)
+    host = load_artifact(tmp_path / "host")
+    x = np.random.default_rng(0).standard_normal(
+        tuple(host.manifest["inputs"][0]["shape"])).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    # The copy of the runner inside the artifact, as on a real Pi (no project checkout there).
+    subprocess.run(qemu_root.python_command(root)
+                   + [str(tmp_path / "rasp4b" / "run.py"), str(tmp_path / "rasp4b"),
+                      "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy")],
+                   check=True, env=qemu_root.python_env(root), capture_output=True,
+                   timeout=1800)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), host.run(x)[0],
+                               rtol=1e-4, atol=1e-5)

@@ -1,0 +1,166 @@
+"""Routing QDQ-quantized MatMul / Gemm / 1x1 Conv to the int8 kernel (`int8.bsr_int8_kn`).
+
+The quantize pass leaves  x -> QuantizeLinear -> DequantizeLinear -> op(., DequantizeLinear(Wq))
+and TVM's lowering would run the op in float on dequantized values. Here the op reads the
+quantized activation xq (the QuantizeLinear output) and the int8 weight directly, accumulates in
+int32 and dequantizes in the store, float output = what the QDQ graph computes (so any consumer,
+including the next QuantizeLinear, is unchanged):
+
+    Y[n, p] = float32(acc[n, p] - zx * sum_k Wq[n, k]) * (sx * sw[n]) + bias[n]
+
+uint8 activations (the pass's default) are shifted to int8 (xq - 128, zx - 128) so one signed
+kernel serves both. Only the vector inner products are used ("madd" on x86 AVX2, "sdot" on ARM
+with +dotprod): the plain int32 one measured slower than float32 here, so without them the node
+stays on the float path. Sparse int8 weights keep their blocks when the block width fits the
+inner product (C a multiple of 2 / 4), else they are re-blocked R x 2 / R x 4 (R = 4) and the
+block density decides as for float.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .bsr import to_bsr
+from .choice import BREAK_EVEN_DENSITY, target_family
+from .int8 import bsr_int8_kn, dequantize_params, int8_method_for
+
+__all__ = ["quantized_operands", "emit_int8"]
+
+GROUP = {"madd": 2, "sdot": 4}
+
+
+def _const_scalar(ctx, value, default=0):
+    if value is None:
+        return default
+    if not ctx.is_known(value):
+        return None
+    array = np.asarray(ctx.const(value))
+    return array.reshape(-1)[0].item() if array.size == 1 else None
+
+
+def quantized_operands(ctx, node):
+    """(xq value, sx, zx, Wq [N, K] int8, sw [N], bias [N] or None, kind) for a QDQ node the
+    int8 kernel can run, else None."""
+    x_dq, w_dq = node.inputs[0].producer, node.input(1).producer
+    if x_dq is None or w_dq is None or x_dq.op_type != "DequantizeLinear" \
+            or w_dq.op_type != "DequantizeLinear":
+        return None
+    xq = x_dq.inputs[0]
+    if str(np.dtype(xq.dtype)) not in ("int8", "uint8"):
+        return None
+    sx, zx = _const_scalar(ctx, x_dq.input(1)), _const_scalar(ctx, x_dq.input(2))
+    if sx is None or zx is None:
+        return None
+    wq_value = w_dq.inputs[0]
+    if not ctx.is_known(wq_value) or str(np.dtype(wq_value.dtype)) != "int8":
+        return None
+    wq = np.asarray(ctx.const(wq_value))
+    w_zp = w_dq.input(2)
+    if w_zp is not None and (not ctx.is_known(w_zp) or np.any(np.asarray(ctx.const(w_zp)))):
+        return None
+    if not ctx.is_known(w_dq.input(1)):
+        return None
+    scales = np.asarray(ctx.const(w_dq.input(1)), np.float32).reshape(-1)
+    axis = int(w_dq.attr("axis", 1)) % max(wq.ndim, 1)
+    bias = None
+    if node.op_type == "MatMul":
+        if wq.ndim != 2 or (scales.size > 1 and axis != 1):
+            return None
+        weight, kind = wq.T, "matmul"
+    elif node.op_type == "Gemm":
+        trans_b = bool(node.attr("transB", 0))
+        if node.attr("transA", 0) or wq.ndim != 2 or \
+                (scales.size > 1 and axis != (0 if trans_b else 1)):
+            return None
+        weight, kind = (wq if trans_b else wq.T), "matmul"
+        scales = scales * np.float32(node.attr("alpha", 1.0))
+        c = node.input(2)
+        if c is not None and float(node.attr("beta", 1.0)) != 0.0:
+            if not ctx.is_known(c) or np.asarray(ctx.const(c)).size not in (1, weight.shape[0]):
+                return None
+            bias = np.broadcast_to(np.asarray(ctx.const(c), np.float32).reshape(-1),
+                                   (weight.shape[0],)) * np.float32(node.attr("beta", 1.0))
+    elif node.op_type == "Conv":
+        if wq.ndim != 4 or tuple(wq.shape[2:]) != (1, 1) or (scales.size > 1 and axis != 0):
+            return None
+        if int(node.attr("group", 1)) != 1 or any(s != 1 for s in node.attr("strides", [1, 1])) \
+                or any(p != 0 for p in node.attr("pads", [0, 0, 0, 0])):
+            return None
+        weight, kind = wq.reshape(wq.shape[0], -1), "conv1x1"
+        b = node.input(2)
+        if b is not None:
+            if not ctx.is_known(b):
+                return None
+            bias = np.asarray(ctx.const(b), np.float32)
+    else:
+        return None
+    sw = np.broadcast_to(scales, (weight.shape[0],)).astype(np.float32)
+    return xq, float(sx), int(zx), np.ascontiguousarray(weight), sw, bias, kind
+
+
+def _int8_block(meta: dict, group: int) -> tuple[int, int]:
+    sparsity = (meta or {}).get("sparsity") or {}
+    if sparsity.get("pattern") == "block":
+        r, c = (int(v) for v in sparsity.get("block", (4, 1)))
+        if c % group == 0:
+            return r, c
+    return 4, group
+
+
+def emit_int8(ctx, node, meta: dict, target, name: str):
+    """Emit the node with the int8 kernel; returns (relax expr, record) or None."""
+    from tvm import relax
+
+    found = quantized_operands(ctx, node)
+    if found is None:
+        return None
+    xq, sx, zx, weight, sw, bias, kind = found
+    n, k = weight.shape
+    method = int8_method_for(target, 4, k)     # the target's best; blocks are chosen to fit it
+    if method not in GROUP:
+        return None
+    group = GROUP[method]
+    block = _int8_block(meta, group)
+    bsr = to_bsr(weight, block)
+    family = target_family(target)
+    sparse = bsr.block_density < BREAK_EVEN_DENSITY[family]["vector"]
+    op = relax.op
+    x = ctx.expr(xq)
+    if str(np.dtype(xq.dtype)) == "uint8":
+        x = ctx.emit(op.astype(op.subtract(op.astype(x, "int16"), relax.const(128, "int16")),
+                               "int8"))
+        zx -= 128
+    shape = [int(d) for d in x.ty.shape]
+    if kind == "matmul":
+        m = int(np.prod(shape[:-1]))
+        batch, p = 1, m
+        x3 = op.permute_dims(op.reshape(x, [m, k]), [1, 0])           # [K, M]
+        x3 = op.reshape(x3, [1, k, m])
+    else:
+        batch, p = shape[0], shape[2] * shape[3]
+        x3 = op.reshape(x, [batch, k, p])
+    packed = op.permute_dims(op.reshape(x3, [batch, k // group, group, p]), [0, 1, 3, 2])
+    packed = ctx.emit(op.reshape(op.astype(packed, "int16" if method == "madd" else "int8"),
+                                 [batch, k // group, p * group]))
+    func, data = bsr_int8_kn(bsr, batch, p, method=method, out_dtype="float32")
+    gvar = ctx.bb.add_func(func.without_attr("global_symbol"), f"int8_{name}")
+    b_q, mult = dequantize_params(weight, sx, zx, sw)
+    args = [packed, ctx.param(f"{name}_i8_packed", data),
+            ctx.param(f"{name}_i8_data", bsr.data.astype(np.int8)),
+            ctx.param(f"{name}_i8_indices", bsr.indices),
+            ctx.param(f"{name}_i8_indptr", bsr.indptr),
+            ctx.param(f"{name}_i8_zero_point_sums", b_q), ctx.param(f"{name}_i8_scale", mult),
+            ctx.param(f"{name}_i8_bias", np.zeros(n, np.float32) if bias is None
+                      else np.asarray(bias, np.float32))]
+    y3 = ctx.emit(relax.call_tir(gvar, args, out_ty=relax.TensorType([batch, n, p], "float32")))
+    if kind == "matmul":
+        y = op.reshape(op.permute_dims(op.reshape(y3, [n, p]), [1, 0]), shape[:-1] + [n])
+    else:
+        y = op.reshape(y3, [batch, n, shape[2], shape[3]])
+    record = {"kernel": "int8-bsr" if sparse else "int8-dense", "method": method,
+              "format": f"bsr {block[0]}x{block[1]} int8", "block": list(block),
+              "block_density": bsr.block_density, "node": node.name,
+              "reason": f"QDQ {node.op_type}: int8 x int8 -> int32 with {method}, dequantized in "
+                        f"the store (every block kept counts: sparse below "
+                        f"{BREAK_EVEN_DENSITY[family]['vector']} block density)"}
+    return ctx.emit(y), record
