@@ -48,12 +48,14 @@ DIGITS_OURS = [
     ("ours mse, int8 activations", "cleanup,quantize:method=mse:activations=int8"),
     ("ours mse + equalize", "cleanup,quantize:method=mse:equalize=true"),
     ("ours mse, max_drop=0.05", "cleanup,quantize:method=mse:max_drop=0.05"),
+    ("ours minmax, outputs=true", "cleanup,quantize:method=minmax:outputs=true"),
 ]
 MINILM_OURS = [
     ("ours minmax", "cleanup,quantize:method=minmax"),
     ("ours percentile", "cleanup,quantize:method=percentile"),
     ("ours entropy", "cleanup,quantize:method=entropy"),
     ("ours mse", "cleanup,quantize:method=mse"),
+    ("ours minmax, outputs=true", "cleanup,quantize:method=minmax:outputs=true"),
 ]
 # Mixed precision on MiniLM measures one trial model per layer (~40): slow on a shared 2-core
 # machine (over 15 minutes), so only with --mixed-precision.

@@ -146,7 +146,7 @@ class Pass:
     @classmethod
     def summary(cls) -> str:
         doc = inspect.getdoc(cls) or ""
-        return doc.split("\n\n")[0].replace("\n", " ")
+        return " ".join(doc.split("\n\n")[0].split())
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         raise NotImplementedError

@@ -1,14 +1,21 @@
 """The README's pass list, generated from the passes' own docstrings and options.
 
-`python -m passes.docs` prints it; a test checks that README.md contains it verbatim, so the
+`python -m passes.docs` prints it and `python -m passes.docs --write README.md` puts it between
+the README's pass-list markers; a test checks that README.md contains it verbatim, so the
 documentation cannot drift from the code.
 """
 
 from __future__ import annotations
 
+import re
+import sys
+from pathlib import Path
+
 from .core import available_passes
 
-__all__ = ["pass_list_markdown"]
+__all__ = ["pass_list_markdown", "write_pass_list"]
+
+_MARKERS = re.compile(r"(<!-- pass-list:start -->\n).*?(\n<!-- pass-list:end -->)", re.S)
 
 
 def pass_list_markdown() -> str:
@@ -23,5 +30,15 @@ def pass_list_markdown() -> str:
     return "\n".join(lines)
 
 
+def write_pass_list(readme: Path) -> None:
+    """Replace the text between the pass-list markers of `readme` with the generated list."""
+    text = readme.read_text()
+    block = pass_list_markdown()
+    readme.write_text(_MARKERS.sub(lambda m: m.group(1) + block + m.group(2), text))
+
+
 if __name__ == "__main__":
-    print(pass_list_markdown())
+    if len(sys.argv) == 3 and sys.argv[1] == "--write":
+        write_pass_list(Path(sys.argv[2]))
+    else:
+        print(pass_list_markdown())

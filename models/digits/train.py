@@ -5,11 +5,11 @@
 torch is used here only; everything that runs the model afterwards (evaluation, compression
 passes, tests) reads the ONNX file with onnxruntime.
 
-Architecture (NCHW, 8x8 input), named like torchvision's ResNet so the graph reads as one:
-stem Conv3x3(1->32)+BN+ReLU; layer1 = two basic residual blocks at 32 channels; layer2 = a
-stride-2 block to 64 channels with a 1x1 projection shortcut, then one block at 64;
-GlobalAveragePool, Flatten, Gemm(64->10) -> logits. Residual stages give channel pruning coupled
-channels to respect (the Adds) and give block removal whole blocks to drop.
+Architecture (NCHW, 8x8 input): stem Conv3x3(1->32)+BN+ReLU; layers.0 and layers.1 = basic
+residual blocks at 32 channels; layers.2 = a stride-2 block to 64 channels with a 1x1 projection
+shortcut; layers.3 = a block at 64; GlobalAveragePool, Flatten, Gemm(64->10) -> logits. The
+residual Adds give channel pruning coupled channels to respect and block removal whole blocks
+to drop.
 
 The ONNX graph is written by hand with onnx.helper from the trained weights (not torch.onnx.export)
 so it holds exactly the standard ops we choose: Conv, BatchNormalization (kept as separate nodes
@@ -32,8 +32,8 @@ OUTPUT = Path(__file__).with_name("digits_resnet.onnx")
 OUTPUT_NAME = "logits"
 EPOCHS = 60
 SEED = 0
-# (stage name, output channels, stride of its first block, blocks)
-STAGES = (("layer1", 32, 1, 2), ("layer2", 64, 2, 2))
+# (input channels, output channels, stride) of each residual block, in order
+BLOCKS = ((32, 32, 1), (32, 32, 1), (32, 64, 2), (64, 64, 1))
 
 
 def _torch_model():
@@ -64,18 +64,13 @@ def _torch_model():
         def __init__(self):
             super().__init__()
             self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32))
-            cin = 32
-            for name, cout, stride, blocks in STAGES:
-                self.add_module(name, nn.Sequential(
-                    BasicBlock(cin, cout, stride),
-                    *(BasicBlock(cout, cout, 1) for _ in range(blocks - 1))))
-                cin = cout
-            self.fc = nn.Linear(cin, 10)
+            self.layers = nn.ModuleList(BasicBlock(*block) for block in BLOCKS)
+            self.fc = nn.Linear(BLOCKS[-1][1], 10)
 
         def forward(self, x):
             x = self.stem(x).relu()
-            for name, *_ in STAGES:
-                x = getattr(self, name)(x)
+            for block in self.layers:
+                x = block(x)
             return self.fc(x.mean(dim=(2, 3)))
 
     return DigitsResNet()
@@ -122,7 +117,7 @@ def train():
 
 class _GraphBuilder:
     """Collects nodes and initializers; each helper names the node after the torch module and
-    its output `<node>_out`, so graph names match the torch state dict (`layer1.0.conv1.weight`)."""
+    its output `<node>_out`, so graph names match the torch state dict (`layers.0.conv1.weight`)."""
 
     def __init__(self):
         self.nodes, self.inits = [], []
@@ -157,17 +152,16 @@ def to_onnx(net) -> onnx.ModelProto:
     g = _GraphBuilder()
     x = g.op("Relu", "stem.relu", [g.bn("stem.bn", net.stem[1],
                                         g.conv("stem.conv", net.stem[0], INPUT_NAME))])
-    for stage, *_ in STAGES:
-        for index, block in enumerate(getattr(net, stage)):
-            prefix = f"{stage}.{index}"
-            out = g.conv(f"{prefix}.conv1", block.conv1, x)
-            out = g.op("Relu", f"{prefix}.relu1", [g.bn(f"{prefix}.bn1", block.bn1, out)])
-            out = g.bn(f"{prefix}.bn2", block.bn2, g.conv(f"{prefix}.conv2", block.conv2, out))
-            identity = x
-            if block.shortcut is not None:
-                identity = g.bn(f"{prefix}.shortcut.bn", block.shortcut[1],
-                                g.conv(f"{prefix}.shortcut.conv", block.shortcut[0], x))
-            x = g.op("Relu", f"{prefix}.relu2", [g.op("Add", f"{prefix}.add", [out, identity])])
+    for index, block in enumerate(net.layers):
+        prefix = f"layers.{index}"
+        out = g.conv(f"{prefix}.conv1", block.conv1, x)
+        out = g.op("Relu", f"{prefix}.relu1", [g.bn(f"{prefix}.bn1", block.bn1, out)])
+        out = g.bn(f"{prefix}.bn2", block.bn2, g.conv(f"{prefix}.conv2", block.conv2, out))
+        identity = x
+        if block.shortcut is not None:
+            identity = g.bn(f"{prefix}.shortcut.bn", block.shortcut[1],
+                            g.conv(f"{prefix}.shortcut.conv", block.shortcut[0], x))
+        x = g.op("Relu", f"{prefix}.relu2", [g.op("Add", f"{prefix}.add", [out, identity])])
     x = g.op("Flatten", "flatten", [g.op("GlobalAveragePool", "pool", [x])])
     fc_inputs = [x, g.weight("fc.weight", net.fc.weight), g.weight("fc.bias", net.fc.bias)]
     # torch's Linear stores its weight as [out, in], hence transB=1

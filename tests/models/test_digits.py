@@ -46,7 +46,7 @@ def test_model_is_valid_with_the_documented_interface(model):
     assert ops.count("Conv") == ops.count("BatchNormalization") == 10
     assert ops.count("Add") == 4
     names = {n.name for n in model.graph.node} | {i.name for i in model.graph.initializer}
-    assert {"stem.conv", "layer1.0.conv1.weight", "layer2.0.shortcut.conv", "fc"} <= names
+    assert {"stem.conv", "layers.0.conv1.weight", "layers.2.shortcut.conv", "fc"} <= names
     props = {p.key: p.value for p in model.metadata_props}
     assert props["dataset"] == "sklearn-digits" and float(props["test_top1"]) >= 97.0
 
