@@ -19,7 +19,7 @@ import onnx
 
 from ir import CompressError, Model, to_onnx
 
-__all__ = ["CalibrationSet", "capture", "make_session"]
+__all__ = ["CalibrationSet", "capture", "capture_session", "make_session"]
 
 
 class CalibrationSet:
@@ -131,16 +131,21 @@ def make_session(proto: onnx.ModelProto):
                                 providers=["CPUExecutionProvider"])
 
 
-def capture(model: Model, value_names: list[str], calibration: CalibrationSet,
-            limit: int | None = None) -> dict[str, list[np.ndarray]]:
-    """Run the model on the calibration feeds; return each named tensor, one array per feed."""
+def capture_session(model: Model, value_names: list[str]):
+    """An onnxruntime session of the model with `value_names` added to its outputs."""
     proto = to_onnx(model)
     listed = {o.name for o in proto.graph.output}
     for name in value_names:
         if name not in listed:
             proto.graph.output.append(onnx.ValueInfoProto(name=name))
             listed.add(name)
-    session = make_session(proto)
+    return make_session(proto)
+
+
+def capture(model: Model, value_names: list[str], calibration: CalibrationSet,
+            limit: int | None = None) -> dict[str, list[np.ndarray]]:
+    """Run the model on the calibration feeds; return each named tensor, one array per feed."""
+    session = capture_session(model, value_names)
     captured: dict[str, list[np.ndarray]] = {name: [] for name in value_names}
     for feed in calibration.feeds(model, limit):
         for name, result in zip(value_names, session.run(value_names, feed)):

@@ -7,7 +7,7 @@ a token's features for MatMul, a row of A for Gemm, an im2col patch for Conv. Th
 - the output error of a weight change dW is trace(dW H dW^T) (used by the sensitivity scan).
 
 Activations come from one onnxruntime run per calibration feed with every layer input as an extra
-output (`passes.calibration.make_session`), folded into the statistics feed by feed so that the
+output (`passes.calibration.capture_session`), folded into the statistics feed by feed so that the
 model runs once over the data and memory stays bounded; layers reading the same tensor the same
 way (Q/K/V projections) share one statistic.
 """
@@ -17,11 +17,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx
 
-from ir import Model, to_onnx
+from ir import Model
 
-from ..calibration import CalibrationSet, make_session
+from ..calibration import CalibrationSet, capture_session
 from .layers import SparsifyTarget
 
 __all__ = ["InputStatistics", "collect_statistics", "conv_patches"]
@@ -157,7 +156,7 @@ def collect_statistics(model: Model, targets: list[SparsifyTarget], calibration:
             keyed[key] = InputStatistics(target.groups, columns, full)
             owners[key] = target
     names = sorted({target.node.input(0).name for target in owners.values()})
-    session = _capture_session(model, names)
+    session = capture_session(model, names)
     feeds = calibration.feeds(model, samples)
     buffers: dict[tuple, list[list[np.ndarray]]] = {key: [] for key in keyed}
     iterate = progress(feeds, total=len(feeds), desc="sparsify: calibration") if progress \
@@ -185,12 +184,3 @@ def _flush(stat: InputStatistics, buffered: list[list[np.ndarray]]) -> None:
         buffered.clear()
 
 
-def _capture_session(model: Model, names: list[str]):
-    """An onnxruntime session of the model with `names` added to its outputs."""
-    proto = to_onnx(model)
-    listed = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in listed:
-            proto.graph.output.append(onnx.ValueInfoProto(name=name))
-            listed.add(name)
-    return make_session(proto)
