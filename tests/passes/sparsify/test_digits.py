@@ -2,15 +2,10 @@
 layers loses at most 1 point of test accuracy with SparseGPT (Wanda measured a 1.1-point drop,
 see bench/RESULTS.md), and the result runs in onnxruntime."""
 
-import pytest
-
 import passes
+from models import digits
 from passes.sparsify import sparsity_of
 from passes.sparsify.patterns import block_tile_nonzeros
-
-digits = pytest.importorskip("models.digits", reason="models.digits not in this tree")
-if not hasattr(digits, "MODEL_PATH"):  # the package is still being written
-    pytest.skip("models.digits has no MODEL_PATH yet", allow_module_level=True)
 
 
 def test_digits_80_percent_4x1_sparsegpt_within_one_point(tmp_path):

@@ -119,11 +119,7 @@ def test_cli_spec_with_nm(tmp_path):
     assert len(sparsity_of(onnx.load(str(out)))) == 2
 
 
-def test_composes_with_quantize_when_available():
-    try:
-        passes.get_pass("quantize")
-    except OptionError:
-        pytest.skip("passes.quantize not present in this tree")
+def test_composes_with_quantize():
     proto = mlp(seed=3)
     model, _ = _compress(proto, "sparsify:sparsity=0.5:min_size=0,quantize")
     out, = run(ir.to_onnx(model), {"x": CALIB["x"][:1]})
