@@ -330,28 +330,26 @@ def _flatten(analysis: GroupAnalysis, node: Node) -> None:
     analysis.freeze(data, f"Flatten {node.name} spatial axes", range(2, len(data.shape)))
 
 
-def _split_last_axis(analysis: GroupAnalysis, node: Node) -> None:
-    """[..., H*D] -> [..., H, D] (attention heads): unit H owns a span of D hidden units."""
-    data, out = node.input(0), node.output
-    rank = len(out.shape)
+def _head_reshape(analysis: GroupAnalysis, node: Node, grouped: Value, flat: Value) -> None:
+    """A Reshape between [..., H*D] (flat) and [..., H, D] (grouped, attention heads): head h
+    owns the span [h*D, (h+1)*D) of the flat axis, so heads are pruned whole."""
+    rank = len(grouped.shape)
     for axis in range(rank - 2):
-        analysis.union(analysis.dim(data, axis), analysis.dim(out, axis))
-    heads = analysis.dim(out, rank - 2)
-    analysis.expand(analysis.dim(data, -1), heads, int(out.shape[-1]), "heads")
+        analysis.union(analysis.dim(node.input(0), axis), analysis.dim(node.output, axis))
+    heads = analysis.dim(grouped, rank - 2)
+    analysis.expand(analysis.dim(flat, -1), heads, int(grouped.shape[-1]), "heads")
     analysis.reshapes.setdefault(heads, []).append((node, rank - 2))
-    analysis.freeze(out, f"head size of {node.name}", [rank - 1])
+    analysis.freeze(grouped, f"head size of {node.name}", [rank - 1])
+
+
+def _split_last_axis(analysis: GroupAnalysis, node: Node) -> None:
+    """[..., H*D] -> [..., H, D]: splitting the hidden axis into heads."""
+    _head_reshape(analysis, node, grouped=node.output, flat=node.input(0))
 
 
 def _merge_last_axes(analysis: GroupAnalysis, node: Node) -> None:
-    """[..., H, D] -> [..., H*D] (after attention): the reverse of _split_last_axis."""
-    data, out = node.input(0), node.output
-    rank = len(data.shape)
-    for axis in range(rank - 2):
-        analysis.union(analysis.dim(data, axis), analysis.dim(out, axis))
-    heads = analysis.dim(data, rank - 2)
-    analysis.expand(analysis.dim(out, -1), heads, int(data.shape[-1]), "heads")
-    analysis.reshapes.setdefault(heads, []).append((node, rank - 2))
-    analysis.freeze(data, f"head size of {node.name}", [rank - 1])
+    """[..., H, D] -> [..., H*D]: merging heads back (the reverse of _split_last_axis)."""
+    _head_reshape(analysis, node, grouped=node.input(0), flat=node.output)
 
 
 def _reshape(analysis: GroupAnalysis, node: Node) -> None:
