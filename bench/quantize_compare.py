@@ -120,7 +120,8 @@ def ours_quantize(float_bytes: bytes, spec: str, calibration: CalibrationSet) ->
 
 
 def _int8_layers(details: dict) -> str:
-    layers = details.get("layers") or []
+    """"int8/all" layers: the mixed-precision report lists every layer, "layers" the int8 ones."""
+    layers = (details.get("mixed_precision") or {}).get("layers") or details.get("layers") or []
     if isinstance(layers, list) and layers and isinstance(layers[0], dict):
         kept = [r for r in layers if str(r.get("precision", r.get("dtype", "int8"))) == "float"]
         return f"{len(layers) - len(kept)}/{len(layers)}"
