@@ -2,7 +2,6 @@
 groups couple residual partners, depthwise convs, Concat inputs and Flatten->Gemm spans."""
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -34,10 +33,6 @@ def _assert_same_outputs(original, pruned, x_shape):
     x = RNG.standard_normal(x_shape).astype(np.float32)
     np.testing.assert_allclose(run_onnx(pruned, {"x": x})[0], run_onnx(original, {"x": x})[0],
                                rtol=1e-5, atol=1e-5)
-
-
-def _params(model):
-    return sum(t.dims[0] if len(t.dims) == 1 else int(np.prod(t.dims)) for t in model.graph.initializer)
 
 
 def test_conv_relu_conv_prunes_dead_channels_exactly():

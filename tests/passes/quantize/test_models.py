@@ -4,7 +4,6 @@ import numpy as np
 import onnx
 import pytest
 
-import ir
 import passes
 from passes.quantize import quantization_of
 

@@ -1,7 +1,6 @@
 """The quantize pass on small graphs: QDQ structure, per-channel scales, numerics vs float,
 opset upgrade, metadata, composition with sparsify, and the accuracy tools."""
 
-import json
 
 import numpy as np
 import onnx
