@@ -27,6 +27,9 @@ SPECS = [
     "cleanup,prune-channels:target_macs=0.5:criterion=mean_abs_act:compensate=true",
     "cleanup,prune-channels:target_macs=0.5:schedule=sensitivity",
     "cleanup,prune-channels:target_macs=0.5:schedule=sensitivity:reconstruct=true",
+    "cleanup,prune-channels:target_macs=0.5:criterion=obs:sequential=false",
+    "cleanup,prune-channels:target_macs=0.5:criterion=obs",
+    "cleanup,prune-channels:target_macs=0.35:criterion=obs",
 ]
 
 

@@ -19,7 +19,7 @@ import onnx
 
 from ir import CompressError, Model, to_onnx
 
-__all__ = ["CalibrationSet", "capture", "capture_session", "make_session"]
+__all__ = ["CalibrationSet", "capture", "capture_session", "make_session", "token_mask_input"]
 
 
 class CalibrationSet:
@@ -119,6 +119,24 @@ def _sample_layout(value, array: np.ndarray, label: str) -> str:
 def _matches(sample: tuple, shape: tuple) -> bool:
     return len(sample) == len(shape) and all(not isinstance(d, int) or d == s
                                              for s, d in zip(sample, shape))
+
+
+def token_mask_input(model: Model, option: str, pass_name: str) -> str | None:
+    """The graph input whose zeros mark padding tokens to leave out of calibration statistics.
+
+    `option` is a pass's token_mask value: "none", "auto" (an input named attention_mask, if
+    any) or an input name; a name that is not a graph input is an OptionError.
+    """
+    from .core import OptionError
+    names = [v.name for v in model.graph.inputs]
+    if option == "none":
+        return None
+    if option == "auto":
+        return "attention_mask" if "attention_mask" in names else None
+    if option not in names:
+        raise OptionError(f"{pass_name}: token_mask={option!r} is not a graph input "
+                          f"(inputs: {', '.join(names)})")
+    return option
 
 
 def make_session(proto: onnx.ModelProto):

@@ -6,17 +6,19 @@ import numpy as np
 
 from ir import Model, graph_cost, infer_shapes
 
-from ..calibration import capture
+from ..calibration import capture, token_mask_input
 from ..core import Option, Pass, PassContext, PassResult, register_pass
 from .apply import remove_channels
 from .groups import ChannelGroup, analyze_groups
 from .compensate import apply_mean_shifts, mean_shifts
+from .layerwise import (allocate_removals, capture_rows, obs_consumers, obs_prune,
+                        refit_candidates)
 from .reconstruct import reconstruct_consumers
 from .sensitivity import sensitivity_weights
 
 __all__ = ["PruneChannels", "ShowGroups", "channel_importance", "kept_counts"]
 
-CRITERIA = ("l1", "l2", "bn_scale", "mean_abs_act", "apoz")
+CRITERIA = ("l1", "l2", "bn_scale", "mean_abs_act", "apoz", "obs")
 
 
 def _weight_norms(group: ChannelGroup, order: int) -> np.ndarray:
@@ -78,6 +80,8 @@ def _activation_stats(model: Model, groups: list[ChannelGroup], ctx: PassContext
 def channel_importance(model: Model, groups: list[ChannelGroup], criterion: str,
                        ctx: PassContext, samples: int = 64) -> dict[int, np.ndarray]:
     """Importance of each channel of each prunable group (higher = keep)."""
+    if criterion == "obs":  # scores only for groups OBS cannot handle (see PruneChannels)
+        criterion = "l1"
     if criterion in ("mean_abs_act", "apoz"):
         stats = _activation_stats(model, groups, ctx, criterion, samples)
         return {g.index: stats.get(g.index, _weight_norms(g, 1)) for g in groups}
@@ -144,7 +148,20 @@ class PruneChannels(Pass):
     reported. Kept counts are rounded to a multiple of `round_to` and never reach zero. `target_macs` searches the ratio
     that keeps at most that fraction of MACs. `reconstruct` refits each consumer layer by least
     squares on calibration activations so its output matches the original model's; `compensate`
-only moves the removed channels' mean contribution into the consumer's bias (cheap).
+    only moves the removed channels' mean contribution into the consumer's bias (cheap).
+
+    `criterion=obs` (structured Optimal Brain Surgeon, as in ZipLM) removes, layer by layer in
+    graph order, the units whose removal changes the consumer layers' outputs least on
+    calibration tokens (padding left out, `token_mask`), and moves the remaining consumer weights
+    and bias to absorb the change (damped least squares, `damp`). With `sequential` each layer's
+    statistics come from the model pruned so far and its target is the original model's output,
+    so later layers correct earlier errors; `target=residual` also absorbs the drift of the
+    residual stream a consumer's output is added to, and `refit=all` refits every other linear
+    layer (Q/K/V, FFN up) to its original output too. With `schedule=global` each group's share
+    comes from its OBS cost curve (normalized by the energy of what the next normalization sees)
+    while the totals per kind (heads, other channels) stay at `head_ratio` / `ratio` (so
+    `target_macs` is then met in channels, not exactly in MACs). Groups whose consumers are not
+    MatMul/Gemm/Conv fall back to l1.
     """
     name = "prune-channels"
     requires_static_shapes = True
@@ -160,6 +177,18 @@ only moves the removed channels' mean contribution into the consumer's bias (che
         "compensate": Option(bool, False, "fold the calibration mean of removed channels into "
                              "the consumer's bias"),
         "samples": Option(int, 64, "calibration samples for data-aware steps"),
+        "sequential": Option(bool, True, "criterion=obs: statistics from the model pruned so "
+                             "far, fitted to the original outputs"),
+        "target": Option(str, "output", "criterion=obs, sequential: fit the consumers' own "
+                         "output (output) or also absorb the drift of the residual stream it "
+                         "is added to (residual)", choices=("output", "residual")),
+        "refit": Option(str, "consumers", "criterion=obs, sequential: refit only the consumers "
+                        "of pruned groups, or also every other linear layer after the first "
+                        "pruned one (all; more calibration runs)", choices=("consumers", "all")),
+        "damp": Option(float, 0.01, "criterion=obs: ridge strength relative to the mean "
+                       "diagonal of the input Hessian"),
+        "token_mask": Option(str, "auto", "criterion=obs: graph input whose 0s mark padding "
+                             "tokens to leave out (auto: attention_mask if present; none)"),
     }
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
@@ -167,6 +196,10 @@ only moves the removed channels' mean contribution into the consumer's bias (che
             from ..core import OptionError
             raise OptionError("prune-channels: need 0 <= ratio < 1, 0 <= target_macs <= 1, "
                               "round_to >= 1")
+        if self.criterion == "obs" and (self.reconstruct or self.compensate or self.damp < 0):
+            from ..core import OptionError
+            raise OptionError("prune-channels: criterion=obs already refits the consumers; "
+                              "drop reconstruct/compensate (and keep damp >= 0)")
         groups = analyze_groups(model.graph)
         prunable = [g for g in groups if g.prunable]
         frozen = [g for g in groups if not g.prunable and g.sources]
@@ -180,8 +213,14 @@ only moves the removed channels' mean contribution into the consumer's bias (che
         ratio = self._ratio_for_target(model, prunable, scores, macs_before)
         counts = kept_counts(prunable, scores, ratio, self.schedule, self.round_to,
                              self._head_ratio(), self._weights)
+        obs_report = None
+        if self.criterion == "obs":
+            counts, obs_kept, obs_report = self._obs(model, prunable, counts, ratio, ctx)
         kept = {g.index: np.sort(np.argsort(-scores[g.index], kind="stable")[:counts[g.index]])
                 for g in prunable if counts[g.index] < g.size}
+        if obs_report is not None:
+            kept = {i: k for i, k in kept.items() if i not in obs_report["planned"]}
+            kept.update(obs_kept)
         shifts = mean_shifts(model, groups, kept, ctx, self.samples) if self.compensate else {}
         removed = remove_channels(model.graph, groups, kept)
         compensated = apply_mean_shifts(model.graph, shifts)
@@ -192,10 +231,46 @@ only moves the removed channels' mean contribution into the consumer's bias (che
                                       "members": g.describe()["members"][:4]} for g in frozen]}
         notes = [f"pruned {len(kept)} of {len(prunable)} prunable groups "
                  f"({removed} channels); {len(frozen)} groups frozen"]
+        if obs_report is not None:
+            details["obs"] = obs_report["groups"]
+        details["kept_per_group"] = [{"group": g.index, "kind": g.kind, "size": g.size,
+                                      "kept": int(len(kept[g.index])) if g.index in kept
+                                      else g.size} for g in prunable]
         if reference is not None and removed:
             details["reconstructed"] = reconstruct_consumers(model, reference, groups, kept, ctx,
                                                              self.samples)
         return PassResult(changed=bool(removed), notes=notes, details=details)
+
+    def _obs(self, model: Model, prunable, counts, ratio, ctx):
+        """criterion=obs: per-group removal counts (uniform/sensitivity counts, or the OBS
+        allocation for schedule=global), then layer-wise OBS pruning with weight updates."""
+        plans = obs_consumers(prunable)
+        mask_name = self._token_mask(model)
+        extra = refit_candidates(model, plans) if self.refit == "all" and self.sequential else []
+        consumers = [c for plan in [*plans.values(), *extra] for c in plan]
+        reference_rows = capture_rows(model, consumers, ctx.require_calibration(model),
+                                      self.samples, mask_name, ctx.seed) if consumers else {}
+        planned = [g for g in prunable if g.index in plans]
+        removals = {g.index: g.size - counts[g.index] for g in planned}
+        if self.schedule == "global" and planned:
+            head_ratio = self._head_ratio()
+            totals: dict[str, int] = {}
+            for group in planned:
+                share = head_ratio if group.kind == "heads" and head_ratio is not None else ratio
+                totals[group.kind] = totals.get(group.kind, 0) + group.size * share
+            totals = {kind: int(round(total)) for kind, total in totals.items()}
+            steps = {g.index: _round_unit(g, self.round_to) for g in planned}
+            removals, _ = allocate_removals(planned, plans, reference_rows, totals, steps,
+                                            self.damp, ctx.progress)
+            counts = {**counts, **{i: next(g.size for g in planned if g.index == i) - r
+                                   for i, r in removals.items()}}
+        kept, report = obs_prune(model, planned, plans, removals, reference_rows, ctx,
+                                 self.samples, self.damp, self.sequential, mask_name,
+                                 self.target == "residual", extra)
+        return counts, kept, {"planned": set(plans), "groups": list(report.values())}
+
+    def _token_mask(self, model: Model) -> str | None:
+        return token_mask_input(model, self.token_mask, "prune-channels")
 
     def _head_ratio(self) -> float | None:
         return self.head_ratio if self.head_ratio >= 0 else None

@@ -10,6 +10,8 @@ block that reads its output; removing it maps the layer's output to its input.
 Which blocks go is decided on calibration data: `criterion=change` ranks blocks by how much they
 change their input, ||y - x|| / ||x||; `criterion=output` removes each block alone and measures
 how far the model's outputs move (one run per block, slower, closer to what matters).
+`bridge=linear` replaces each removed block by a fitted affine map instead of the identity
+(see `bridge`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ir import Graph, Model, Node, Value, from_onnx, to_onnx
 from ..calibration import capture, make_session
 from ..core import Option, OptionError, Pass, PassContext, PassResult, register_pass
 from ..cleanup.dead_code import EliminateDeadCode
+from .bridge import bridge_rows, fit_bridge, insert_bridge
 
 __all__ = ["Block", "find_blocks", "remove_block", "PruneLayers"]
 
@@ -163,6 +166,9 @@ class PruneLayers(Pass):
     with it); `kind=transformer` removes attention+FFN layers. `count` (or `ratio` of the blocks
     found) says how many; `criterion=change` ranks blocks by ||f(x)|| relative to ||x||,
     `criterion=output` by how much removing each block alone moves the model's outputs.
+    `bridge=linear` keeps, for each removed block, y = x + x D + c fitted by ridge least squares
+    to the original block's output on calibration tokens (F*F MACs per token instead of the
+    block's), in graph order so that each bridge also corrects the ones before it.
     """
     name = "prune-layers"
     requires_static_shapes = True
@@ -174,6 +180,11 @@ class PruneLayers(Pass):
                        choices=("auto", "residual", "transformer")),
         "criterion": Option(str, "output", "block importance", choices=("change", "output")),
         "samples": Option(int, 32, "calibration samples for the importance measurement"),
+        "bridge": Option(str, "none", "replace removed blocks by the identity (none) or a "
+                         "fitted affine map (linear)", choices=("none", "linear")),
+        "bridge_samples": Option(int, 256, "calibration samples for fitting bridges"),
+        "damp": Option(float, 0.01, "bridge ridge strength relative to the mean diagonal of "
+                       "the input Gram matrix"),
     }
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
@@ -194,13 +205,38 @@ class PruneLayers(Pass):
         measure = _change_scores if self.criterion == "change" else _output_scores
         scores = measure(model, blocks, ctx, self.samples)
         chosen = sorted(np.argsort(scores, kind="stable")[:wanted])
-        # Later blocks first: a block's input may be the output of an earlier chosen block,
-        # which stays a live value until that earlier block is itself removed.
-        for index in reversed(chosen):
-            remove_block(model.graph, blocks[index])
+        if self.bridge == "linear":
+            self._bridge(model, [blocks[i] for i in chosen], ctx)
+        else:
+            # Later blocks first: a block's input may be the output of an earlier chosen
+            # block, which stays a live value until that earlier block is itself removed.
+            for index in reversed(chosen):
+                remove_block(model.graph, blocks[index])
         EliminateDeadCode().run(model, ctx)  # e.g. an attention mask no layer reads any more
-        details.update(scores={b.name: s for b, s in zip(blocks, scores)},
+        details.update(scores={b.name: s for b, s in zip(blocks, scores)}, bridge=self.bridge,
                        removed=[blocks[i].name for i in chosen])
         return PassResult(changed=True, details=details, notes=[
             f"prune-layers: removed {wanted} of {len(blocks)} {kind} blocks: "
             + ", ".join(blocks[i].name for i in chosen)])
+
+    def _bridge(self, model: Model, chosen: list[Block], ctx: PassContext) -> None:
+        """Replace each chosen block (graph order) by a fitted affine bridge."""
+        calibration = ctx.require_calibration(model)
+        names = [v.name for v in model.graph.inputs]
+        mask = "attention_mask" if "attention_mask" in names else None
+        targets = bridge_rows(model, [b.output.name for b in chosen], calibration,
+                              self.bridge_samples, mask)
+        renamed: dict[int, Value] = {}
+        for block in chosen:
+            source = renamed.get(id(block.input), block.input)
+            x = bridge_rows(model, [source.name], calibration, self.bridge_samples,
+                            mask)[source.name]
+            update, offset = fit_bridge(x, targets[block.output.name], self.damp)
+            output = insert_bridge(model.graph, source, update, offset, block.name)
+            renamed[id(block.output)] = output
+            block.output.replace_all_uses_with(output)
+            for node in block.nodes:
+                model.graph.detach_inputs(node)
+            for node in block.nodes:
+                model.graph.remove_node(node)
+        model.graph.toposort()

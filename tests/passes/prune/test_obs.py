@@ -1,0 +1,204 @@
+"""criterion=obs: structured OBS picks the units whose removal the remaining ones can absorb and
+computes the least-squares update of the consumer (checked against numpy's lstsq); on graphs
+whose hidden units are linearly dependent the pruned model reproduces the original exactly;
+sequential statistics let later layers correct earlier errors; the global allocation puts the
+removals where they cost least while keeping the requested total."""
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import ir
+import passes
+from passes.core import OptionError
+from passes.prune.obs import ConsumerProblem, damped_inverse, greedy_obs
+from tests.helpers import run_onnx
+
+RNG = np.random.default_rng(7)
+
+
+def _problem(x, weight, span=1, damp=1e-10):
+    hessian = x.T @ x / len(x)
+    return ConsumerProblem(weight.copy(), damped_inverse(hessian, damp)[0], span)
+
+
+def test_linear_combination_unit_is_removed_with_zero_error():
+    x = RNG.standard_normal((400, 8))
+    x[:, 5] = 2 * x[:, 0] - x[:, 3]  # unit 5 carries nothing the others do not
+    weight = RNG.standard_normal((8, 6))
+    problem = _problem(x, weight)
+    alive, costs = greedy_obs([problem], 8, 1)
+    assert not alive[[0, 3, 5]].all() and alive.sum() == 7  # one of the dependent three goes
+    assert costs[0] < 1e-6
+    np.testing.assert_allclose(x @ problem.weight, x @ weight, atol=1e-5)
+    assert np.all(problem.weight[~alive] == 0)
+
+
+@pytest.mark.parametrize("span", [1, 4])
+def test_update_matches_numpy_least_squares(span):
+    units = 6
+    x = RNG.standard_normal((300, units * span)) + RNG.standard_normal(units * span)
+    weight = RNG.standard_normal((units * span, 5))
+    problem = _problem(x, weight, span)
+    alive, costs = greedy_obs([problem], units, 2)
+    rows = np.repeat(alive, span)
+    solution, *_ = np.linalg.lstsq(x[:, rows], x @ weight, rcond=None)
+    np.testing.assert_allclose(problem.weight[rows], solution, rtol=1e-6, atol=1e-6)
+    # The costs add up to the output error (per row, as H is a mean over rows).
+    error = ((x[:, rows] @ solution - x @ weight) ** 2).sum() / len(x)
+    assert sum(costs) == pytest.approx(error, rel=1e-5)
+    # Greedy picks the cheapest first: removing any other pair of units costs at least as much
+    # as the pair it removed in its first step would alone.
+    single = [((x[:, np.repeat(np.arange(units) != u, span)] @ np.linalg.lstsq(
+        x[:, np.repeat(np.arange(units) != u, span)], x @ weight, rcond=None)[0]
+        - x @ weight) ** 2).sum() / len(x) for u in range(units)]
+    assert costs[0] == pytest.approx(min(single), rel=1e-5)
+
+
+def _mlp(hidden=16, inputs=6, outputs=5, relu=False, seq=8):
+    """x[1,seq,inputs] -> MatMul+Add (hidden) [-> Relu] -> MatMul+Add -> y."""
+    w = {"w1": RNG.standard_normal((inputs, hidden)), "b1": RNG.standard_normal(hidden),
+         "w2": RNG.standard_normal((hidden, outputs)), "b2": RNG.standard_normal(outputs)}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+             helper.make_node("Add", ["h", "b1"], ["hb"])]
+    last = "hb"
+    if relu:
+        nodes.append(helper.make_node("Relu", ["hb"], ["hr"]))
+        last = "hr"
+    nodes += [helper.make_node("MatMul", [last, "w2"], ["o"]),
+              helper.make_node("Add", ["o", "b2"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, inputs])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, outputs])],
+        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in w.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _error(original, pruned, shape, samples=8):
+    x = RNG.standard_normal((samples, *shape)).astype(np.float32)
+    want = np.stack([run_onnx(original, {"x": s})[0] for s in x])
+    got = np.stack([run_onnx(pruned, {"x": s})[0] for s in x])
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def test_linear_hidden_layer_pruned_exactly_with_bias_refit():
+    # Without a nonlinearity the 16 hidden units are affine in 6 inputs: any 7 of them (with the
+    # consumer's bias absorbing the constant) span the rest, so halving them is lossless.
+    original = _mlp()
+    calib = {"x": RNG.standard_normal((32, 1, 8, 6)).astype(np.float32)}
+    pruned = passes.apply(original, "prune-channels:ratio=0.5:criterion=obs:damp=1e-9",
+                          calibration=calib)
+    assert [list(t.dims) for t in pruned.graph.initializer if t.name.startswith("w2")] == [[8, 5]]
+    assert _error(original, pruned, (1, 8, 6)) < 1e-4
+    l1 = passes.apply(original, "prune-channels:ratio=0.5:criterion=l1")
+    assert _error(original, l1, (1, 8, 6)) > 0.1
+
+
+def test_conv_channels_pruned_exactly_when_linearly_dependent():
+    # 1x1 conv 3 -> 12 channels, no nonlinearity, then a 3x3 conv without padding: the 12
+    # channels are affine in 3 inputs, so 4 kept channels (+ refitted bias) reproduce it.
+    w = {"w1": RNG.standard_normal((12, 3, 1, 1)), "b1": RNG.standard_normal(12),
+         "w2": RNG.standard_normal((4, 12, 3, 3)), "b2": RNG.standard_normal(4)}
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1", "b1"], ["h"]),
+         helper.make_node("Conv", ["h", "w2", "b2"], ["y"])], "convs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 7, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5, 5])],
+        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in w.items()])
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    calib = {"x": RNG.standard_normal((16, 1, 3, 7, 7)).astype(np.float32)}
+    pruned = passes.apply(original, "prune-channels:ratio=0.67:round_to=1:criterion=obs:"
+                          "damp=1e-7", calibration=calib)
+    assert [list(t.dims) for t in pruned.graph.initializer if t.name.startswith("w2")] \
+        == [[4, 4, 3, 3]]
+    # Exact up to the float32 Gram matrix of a rank-deficient input (l1 is off by ~100%).
+    assert _error(original, pruned, (1, 3, 7, 7)) < 1e-2
+    l1 = passes.apply(original, "prune-channels:ratio=0.67:round_to=1:criterion=l1")
+    assert _error(original, l1, (1, 3, 7, 7)) > 0.1
+
+
+def _two_blocks(width=24, seq=8, relus=(True, True)):
+    """x -> [MatMul, Relu, MatMul] -> Tanh -> [MatMul, Relu, MatMul] -> Tanh -> y (two FFN
+    blocks; `relus` False replaces a block's Relu by Identity, making its units linear)."""
+    w = {}
+    nodes, last = [], "x"
+    for block in range(2):
+        w[f"u{block}"] = RNG.standard_normal((8, width)) / np.sqrt(8)
+        w[f"d{block}"] = RNG.standard_normal((width, 8)) / np.sqrt(width)
+        act = "Relu" if relus[block] else "Identity"
+        nodes += [helper.make_node("MatMul", [last, f"u{block}"], [f"h{block}"]),
+                  helper.make_node(act, [f"h{block}"], [f"r{block}"]),
+                  helper.make_node("MatMul", [f"r{block}", f"d{block}"], [f"o{block}"]),
+                  helper.make_node("Tanh", [f"o{block}"], [f"t{block}"])]
+        last = f"t{block}"
+    graph = helper.make_graph(
+        nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, 8])],
+        [helper.make_tensor_value_info(last, TensorProto.FLOAT, [1, seq, 8])],
+        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in w.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_sequential_fit_corrects_earlier_errors():
+    original = _two_blocks()
+    calib = {"x": RNG.standard_normal((64, 1, 8, 8)).astype(np.float32)}
+    spec = "prune-channels:ratio=0.5:criterion=obs:samples=64"
+    independent = passes.apply(original, spec + ":sequential=false", calibration=calib)
+    sequential = passes.apply(original, spec + ":sequential=true", calibration=calib)
+    lone, seq = _error(original, independent, (1, 8, 8)), _error(original, sequential, (1, 8, 8))
+    assert seq < 0.9 * lone, (seq, lone)
+
+
+def test_global_allocation_removes_redundant_units_first_and_keeps_the_total():
+    # Block 0's hidden units are linear in its 8 inputs (no Relu), so 8 of them carry all it
+    # computes; block 1's 32 Relu units do not: the global allocation must prune block 0 harder.
+    original = _two_blocks(width=32, relus=(False, True))
+    model = ir.load_model(original)
+    calib = {"x": RNG.standard_normal((64, 1, 8, 8)).astype(np.float32)}
+    report = passes.compress(model, "prune-channels:ratio=0.5:round_to=4:criterion=obs:"
+                             "schedule=global:samples=64", calibration=calib)
+    groups = report.passes[-1].details["kept_per_group"]
+    kept = [g["kept"] for g in groups]
+    # Half of all prunable units (2 x 32 hidden + the 8 between the blocks), in steps of 4.
+    assert sum(g["size"] for g in groups) == 72 and sum(kept) == 36
+    assert all(k % 4 == 0 and k > 0 for k in kept)
+    first, second = (g["kept"] for g in groups if g["size"] == 32)
+    assert first <= 12 < 20 <= second  # the linear block gives up most of its units
+    uniform = passes.apply(original, "prune-channels:ratio=0.5:round_to=4:criterion=obs:"
+                           "samples=64", calibration=calib)
+    assert _error(original, ir.to_onnx(model), (1, 8, 8)) <= _error(original, uniform,
+                                                                     (1, 8, 8)) * 1.05
+
+
+def test_obs_rejects_reconstruct_and_unknown_token_mask():
+    with pytest.raises(OptionError):
+        passes.apply(_mlp(), "prune-channels:criterion=obs:reconstruct=true")
+    with pytest.raises(OptionError):
+        passes.apply(_mlp(), "prune-channels:criterion=obs:token_mask=nope")
+
+
+def test_digits_half_macs_with_obs_within_one_point(tmp_path):
+    from models import digits
+    calib = digits.calibration_npz(tmp_path / "calib.npz")
+    model = ir.load_model(digits.MODEL_PATH)
+    report = passes.compress(model, "cleanup,prune-channels:target_macs=0.5:criterion=obs",
+                             calibration=calib)
+    assert report.after["macs"] <= 0.5 * report.before["macs"]
+    pruned = digits.evaluate(ir.to_onnx(model).SerializeToString())
+    assert digits.evaluate(digits.MODEL_PATH) - pruned <= 1.0
+
+
+def test_refit_all_also_corrects_layers_that_lose_nothing():
+    # Pruning heads changes the FFN's input; refit=all refits the FFN up projection (which
+    # loses no unit) to its original output, refit=consumers leaves it as it was.
+    from tests.passes.prune.test_heads_and_rules import HIDDEN, S, _attention_ffn_model
+    original = _attention_ffn_model()
+    calib = {"x": RNG.standard_normal((48, 1, S, HIDDEN)).astype(np.float32)}
+    spec = "prune-channels:ratio=0:head_ratio=0.5:criterion=obs:samples=48"
+    weights = {}
+    for refit in ("consumers", "all"):
+        pruned = passes.apply(original, f"{spec}:refit={refit}", calibration=calib)
+        weights[refit] = {t.name.split("_")[0]: numpy_helper.to_array(t)
+                          for t in pruned.graph.initializer}
+    up = numpy_helper.to_array(next(t for t in original.graph.initializer if t.name == "up"))
+    np.testing.assert_array_equal(weights["consumers"]["up"], up)
+    assert np.abs(weights["all"]["up"] - up).max() > 1e-3
