@@ -2,18 +2,23 @@
 
     PYTHONPATH=. python bench/sparsify_accuracy.py [--skip-digits] [--skip-minilm]
         [--seq-len 128] [--samples 512] [--corpus prose] [--json bench/out/sparsify.json]
+        [--configs LABEL ...] [--append] [--print-only]
 
 Digits (models.digits): magnitude / wanda / sparsegpt x (80% in 4x1 blocks of 4 output channels x
 1 input, 80% unstructured, 2:4) x (dense/1x1 layers only: `kernels=1x1`, Gemm/MatMul and 1x1
 convs; or all layers incl. the 3x3 convs); first and last layers stay dense. Calibration: 128
 training images; accuracy on the test split.
 MiniLM (models.minilm): 50% unstructured and 2:4 per method, cosine of sentence embeddings to the
-dense model (mean and worst of 24 sentences), ranking accuracy, plus SparseGPT rows that show what
-closes the gap (Q/K projections left dense, 40% sparsity); calibration: `--samples` texts of
+dense model (mean and worst of 24 sentences), ranking accuracy, plus SparseGPT rows with the
+corrections (sequential, error-correcting targets, bias correction, exact refit, OWL allocation,
+dampening, lazy-batch size) and the reference rows (Q/K left dense, 40%); calibration: `--samples` texts of
 `models.minilm.calibration_npz(corpus=...)` (default: 512 single sentences of English prose,
 disjoint from the evaluation sentences). Every evaluation sentence fits in 32 tokens, so
 `--seq-len 32` gives the same metric as 128 at a quarter of the cost (calibration sentences longer
 than the sequence are truncated, though).
+`--configs` runs only the MiniLM rows whose labels are given (exact labels, see MINILM_RUNS);
+`--append` adds the new rows to the JSON file instead of replacing it (rows with the same label
+are replaced); `--print-only` prints the tables of the JSON file without running anything.
 Prints markdown tables and writes JSON.
 """
 
@@ -45,11 +50,36 @@ DIGITS_RUNS = [(f"{method}, {pattern}, {scope}", f"sparsify:{spec}{kernels}:meth
                for method in ("magnitude", "wanda", "sparsegpt")]
 
 QK = "exclude=*/q_matmul+*/k_matmul"
-MINILM_RUNS = [  # the issue's rows first, then what closes the gap, then the baselines
-    ("sparsegpt, 50% unstructured", "sparsify:sparsity=0.5:method=sparsegpt"),
-    ("sparsegpt, 2:4", "sparsify:pattern=nm:nm=2of4:method=sparsegpt"),
-    ("sparsegpt, 50% unstructured, Q/K dense", f"sparsify:sparsity=0.5:method=sparsegpt:{QK}"),
-    ("sparsegpt, 2:4, Q/K dense", f"sparsify:pattern=nm:nm=2of4:method=sparsegpt:{QK}"),
+SGPT_50 = "sparsify:sparsity=0.5:method=sparsegpt"
+SGPT_24 = "sparsify:pattern=nm:nm=2of4:method=sparsegpt"
+EC = "error_correction=true"  # implies sequential
+BIAS = "bias_correction=true"
+REFIT = "refit=true"
+OWL = "schedule=owl"
+MINILM_RUNS = [  # the issue's rows first, then the corrections, then the reference rows
+    ("sparsegpt, 50% unstructured", SGPT_50),
+    ("sparsegpt, 2:4", SGPT_24),
+    ("sparsegpt, 50%, sequential", f"{SGPT_50}:sequential=true"),
+    ("sparsegpt, 2:4, sequential", f"{SGPT_24}:sequential=true"),
+    ("sparsegpt, 50%, error-correcting", f"{SGPT_50}:{EC}"),
+    ("sparsegpt, 2:4, error-correcting", f"{SGPT_24}:{EC}"),
+    ("sparsegpt, 50%, bias correction", f"{SGPT_50}:{BIAS}"),
+    ("sparsegpt, 50%, error-correcting + bias", f"{SGPT_50}:{EC}:{BIAS}"),
+    ("sparsegpt, 50%, refit", f"{SGPT_50}:{REFIT}"),
+    ("sparsegpt, 50%, error-correcting + refit", f"{SGPT_50}:{EC}:{REFIT}"),
+    ("sparsegpt, 2:4, error-correcting + refit", f"{SGPT_24}:{EC}:{REFIT}"),
+    ("sparsegpt, 50% OWL", f"{SGPT_50}:{OWL}"),
+    ("sparsegpt, 50% OWL, error-correcting + refit", f"{SGPT_50}:{OWL}:{EC}:{REFIT}"),
+    ("sparsegpt, 50%, damp 0.1", f"{SGPT_50}:damp=0.1"),
+    ("sparsegpt, 50%, damp 0.001", f"{SGPT_50}:damp=0.001"),
+    ("sparsegpt, 2:4, damp 0.1", f"{SGPT_24}:damp=0.1"),
+    ("sparsegpt, 50%, one mask per layer", f"{SGPT_50}:block_columns=100000"),
+    ("sparsegpt, 50%, lazy batch 32", f"{SGPT_50}:block_columns=32"),
+    ("sparsegpt, 50%, lazy batch 8", f"{SGPT_50}:block_columns=8"),
+    ("sparsegpt, 50%, error-correcting + refit, lazy batch 32",
+     f"{SGPT_50}:{EC}:{REFIT}:block_columns=32"),
+    ("sparsegpt, 50% unstructured, Q/K dense", f"{SGPT_50}:{QK}"),
+    ("sparsegpt, 2:4, Q/K dense", f"{SGPT_24}:{QK}"),
     ("sparsegpt, 40% unstructured", "sparsify:sparsity=0.4:method=sparsegpt"),
     ("wanda, 50% unstructured", "sparsify:sparsity=0.5:method=wanda"),
     ("wanda, 2:4", "sparsify:pattern=nm:nm=2of4:method=wanda"),
@@ -86,29 +116,53 @@ def bench_digits(rows: list[dict]) -> None:
                      "zeros_of_all_params": model_zeros, "seconds": round(seconds, 1)})
 
 
+def _zero_profile(proto: onnx.ModelProto) -> str:
+    """Per-layer zero fractions of the sparsified weights: "50% in all 32" or "min-max"."""
+    fractions = sorted(1 - info["density"] for info in sparsity_of(proto).values())
+    if not fractions:
+        return "-"
+    low, high = fractions[0], fractions[-1]
+    span = f"{low:.0%}" if round(low, 2) == round(high, 2) else f"{low:.0%}-{high:.0%}"
+    return f"{span} in each of {len(fractions)}"
+
+
 def bench_minilm(rows: list[dict], seq_len: int, samples: int, corpus: str,
-                 json_path: Path) -> None:
+                 json_path: "_Appender", configs: list[str] | None = None) -> None:
     from models.minilm import calibration_npz, cosine_to_reference, model_path, ranking_accuracy
     tmp = Path(tempfile.mkdtemp())
     calib = calibration_npz(tmp / "minilm_calib.npz", n=samples, seq_len=seq_len, corpus=corpus)
     path = model_path(seq_len=seq_len, batch=1)
     base = onnx.load(str(path))
     params = ir.graph_cost(ir.load_model(base).graph).summary()["params"]
-    for label, spec in MINILM_RUNS:
+    runs = MINILM_RUNS
+    if configs:
+        unknown = set(configs) - {label for label, _ in MINILM_RUNS}
+        if unknown:
+            raise SystemExit(f"unknown --configs: {sorted(unknown)}")
+        runs = [(label, spec) for label, spec in MINILM_RUNS if label in configs]
+    for label, spec in runs:
         spec = f"{spec}:samples={samples}"
         start = time.perf_counter()
-        out = passes.apply(base, spec, calibration=calib)
+        model = ir.load_model(base)
+        report = passes.compress(model, spec, calibration=calib)
+        out = ir.to_onnx(model)
         seconds = time.perf_counter() - start
         cosine = cosine_to_reference(out)
+        # Each layer's relative output error on the calibration data (before bias correction;
+        # with error_correction, against the original model's output) and its sparsity.
+        layers = {layer["node"]: [layer.get("output_error"), round(1 - layer["density"], 4)]
+                  for layer in report.passes[0].details["layers"]}
         layer_zeros, model_zeros = _zeros(out, params)
         rows.append({"model": "minilm", "config": label, "spec": spec, "seq_len": seq_len,
                      "calibration": f"{samples} x {corpus}",
                      "cosine_mean": cosine["cosine_mean"], "cosine_min": cosine["cosine_min"],
                      "ranking": ranking_accuracy(out), "zeros_in_sparsified": layer_zeros,
-                     "zeros_of_all_params": model_zeros, "seconds": round(seconds, 1)})
+                     "zeros_per_layer": _zero_profile(out),
+                     "zeros_of_all_params": model_zeros, "seconds": round(seconds, 1),
+                     "layers": layers})
         print(f"{label}: cosine {rows[-1]['cosine_mean']:.4f} ({seconds:.0f} s)", file=sys.stderr,
               flush=True)
-        json_path.write_text(json.dumps(rows, indent=2))  # partial results survive a long run
+        json_path.write_rows(rows)  # partial results survive a long run
 
 
 def print_tables(rows: list[dict]) -> None:
@@ -128,12 +182,22 @@ def print_tables(rows: list[dict]) -> None:
         first = minilm_rows[0]
         print(f"MiniLM seq_len {first['seq_len']}, calibration {first['calibration']}")
         print()
-        print("| MiniLM config | cosine mean | cosine min | ranking | zeros in sparsified layers | zeros of all params | s |")
-        print("|---|---|---|---|---|---|---|")
-        for r in minilm_rows:
+        print("| MiniLM config | cosine mean | cosine min | ranking | zeros in sparsified layers "
+              "| zeros per sparsified layer | zeros of all params | s |")
+        print("|---|---|---|---|---|---|---|---|")
+        order = {label: i for i, (label, _) in enumerate(MINILM_RUNS)}
+        for r in sorted(minilm_rows, key=lambda r: order.get(r["config"], len(order))):
             print(f"| {r['config']} | {r['cosine_mean']:.4f} | {r['cosine_min']:.4f} | "
                   f"{r['ranking']:.3f} | {r['zeros_in_sparsified']:.1%} | "
-                  f"{r['zeros_of_all_params']:.1%} | {r['seconds']} |")
+                  f"{r.get('zeros_per_layer', '-')} | {r['zeros_of_all_params']:.1%} | "
+                  f"{r['seconds']} |")
+
+
+def _write(path: Path, rows: list[dict], kept: list[dict] | None = None) -> None:
+    """Write `rows` (after the `kept` rows of an earlier run whose labels they do not repeat)."""
+    labels = {(r["model"], r["config"]) for r in rows}
+    earlier = [r for r in (kept or []) if (r["model"], r["config"]) not in labels]
+    path.write_text(json.dumps(earlier + rows, indent=2))
 
 
 def main(argv=None) -> int:
@@ -145,19 +209,41 @@ def main(argv=None) -> int:
     parser.add_argument("--corpus", default="prose", choices=("prose", "passages", "sentences"),
                         help="MiniLM calibration corpus (models.minilm.calibration_npz)")
     parser.add_argument("--json", default="bench/out/sparsify.json")
+    parser.add_argument("--configs", nargs="+", help="MiniLM rows to run (labels)")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the JSON file's other rows (same labels are replaced)")
+    parser.add_argument("--print-only", action="store_true",
+                        help="print the tables of the JSON file, run nothing")
     args = parser.parse_args(argv)
+    json_path = Path(args.json)
+    earlier = json.loads(json_path.read_text()) if json_path.is_file() and (
+        args.append or args.print_only) else []
+    if args.print_only:
+        print_tables(earlier)
+        return 0
     rows: list[dict] = []
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     if not args.skip_digits:
         try:
             bench_digits(rows)
         except ImportError as exc:
             print(f"digits skipped: {exc}", file=sys.stderr)
     if not args.skip_minilm:
-        bench_minilm(rows, args.seq_len, args.samples, args.corpus, Path(args.json))
-    print_tables(rows)
-    Path(args.json).write_text(json.dumps(rows, indent=2))
+        bench_minilm(rows, args.seq_len, args.samples, args.corpus,
+                     _Appender(json_path, earlier), args.configs)
+    _write(json_path, rows, earlier)
+    print_tables(json.loads(json_path.read_text()))
     return 0
+
+
+class _Appender:
+    """The JSON path as bench_minilm sees it: each write keeps the earlier rows."""
+
+    def __init__(self, path: Path, earlier: list[dict]):
+        self.path, self.earlier = path, earlier
+
+    def write_rows(self, rows: list[dict]) -> None:
+        _write(self.path, rows, self.earlier)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@
 - global: one threshold on scores normalized per layer (each layer's scores divided by their
   mean, so layers of different scale compete fairly); a layer's sparsity is the fraction of its
   normalized scores below the threshold, capped at MAX_LAYER_SPARSITY so no layer disappears.
+- owl (outlier-weighted layer sparsity, Yin et al. 2024): layers whose Wanda scores
+  |W| * ||x|| have more outliers (scores above OWL_M x the layer's mean) keep more weights. The
+  outlier ratios are mapped linearly onto sparsities spanning 2 x `spread` (the most outlier-rich
+  layer the least sparse), shifted so that the parameter-weighted mean is the target.
 - sensitivity: a scan of each layer's relative output error at sparsities GRID, using its
   calibration statistic H (error of dW is trace(dW H dW^T) / trace(W H W^T)), then a greedy
   allocation: repeatedly raise the sparsity of the layer whose next step costs the least error
@@ -18,10 +22,11 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["uniform_schedule", "global_schedule", "sensitivity_schedule", "relative_output_error",
-           "GRID", "MAX_LAYER_SPARSITY"]
+__all__ = ["uniform_schedule", "global_schedule", "outlier_schedule", "outlier_ratio",
+           "sensitivity_schedule", "relative_output_error", "GRID", "MAX_LAYER_SPARSITY", "OWL_M"]
 
 MAX_LAYER_SPARSITY = 0.98
+OWL_M = 5.0  # the outlier threshold of the OWL paper: 5 x the layer's mean score
 GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 
 
@@ -51,6 +56,36 @@ def global_schedule(scores: list[np.ndarray], target: float) -> list[float]:
         else:
             high = middle
     return [float(f) for f in fractions(high)]
+
+
+def outlier_ratio(scores: np.ndarray, threshold: float = OWL_M) -> float:
+    """Fraction of a layer's scores above `threshold` x their mean."""
+    scores = np.abs(np.asarray(scores, dtype=np.float64))
+    return float(np.mean(scores > threshold * scores.mean())) if scores.size else 0.0
+
+
+def outlier_schedule(scores: list[np.ndarray], sizes: list[int], target: float,
+                     spread: float = 0.08, threshold: float = OWL_M) -> list[float]:
+    """OWL: sparsity target + spread - 2 spread * (normalized outlier ratio) + shift, clipped to
+    [0, MAX_LAYER_SPARSITY]; the shift (found by bisection) makes the size-weighted mean the
+    target."""
+    ratios = np.array([outlier_ratio(s, threshold) for s in scores])
+    span = ratios.max() - ratios.min() if len(ratios) else 0.0
+    offsets = (spread - 2 * spread * (ratios - ratios.min()) / span) if span > 0 \
+        else np.zeros(len(ratios))
+    weights = np.asarray(sizes, dtype=np.float64)
+
+    def sparsities(shift: float) -> np.ndarray:
+        return np.clip(target + offsets + shift, 0.0, MAX_LAYER_SPARSITY)
+
+    low, high = -1.0 - spread, 1.0 + spread
+    for _ in range(100):  # the weighted mean grows with the shift
+        middle = (low + high) / 2
+        if float(sparsities(middle) @ weights) < target * weights.sum():
+            low = middle
+        else:
+            high = middle
+    return [float(s) for s in sparsities((low + high) / 2)]
 
 
 def relative_output_error(weights: np.ndarray, pruned: np.ndarray, hessian: np.ndarray) -> float:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from ir import Model
+from ir import Model, load_model, to_onnx
 
+from ..calibration import token_mask_input
 from ..core import OptionError, Option, Pass, PassContext, PassResult, register_pass
+from .bias import add_output_shift
+from .correction import error_correcting_start, mean_output_shift, paired_output_error
 from .layers import SparsifyTarget, boundary_targets, find_targets
 from .metadata import measured_density, write_sparsity_property
 from .patterns import SparsityPattern, parse_pattern, select_mask
-from .schedule import (global_schedule, relative_output_error, sensitivity_schedule,
-                       uniform_schedule)
+from .refit import masked_least_squares
+from .schedule import (global_schedule, outlier_schedule, relative_output_error,
+                       sensitivity_schedule, uniform_schedule)
 from .sparsegpt import sparsegpt_prune
 from .statistics import InputStatistics, collect_statistics
 
@@ -32,6 +36,13 @@ class Sparsify(Pass):
     `nm=2of4` or `nm=2/4` inside a pipeline spec, where `:` separates options). The first and last
     layers (no sparsifiable layer before / after them) are left dense unless
     `include_first_last=true`; `exclude` takes node names, weight names, op types or globs.
+
+    Corrections for the error that reaches later layers: `sequential` takes each layer's inputs
+    from the model already sparsified up to it; `error_correction` (SparseGPT) also fits the
+    original model's outputs from those inputs (GPTAQ's asymmetric calibration);
+    `bias_correction` adds each layer's mean output change back to its bias; `refit` solves the
+    masked least-squares problem of every row once SparseGPT chose the mask; `schedule=owl`
+    gives layers with more outlier Wanda scores less sparsity at the same total.
     """
     name = "sparsify"
     options = {
@@ -42,7 +53,8 @@ class Sparsify(Pass):
         "method": Option(str, "magnitude", "which weights to zero",
                          choices=("magnitude", "wanda", "sparsegpt")),
         "schedule": Option(str, "uniform", "sparsity per layer",
-                           choices=("uniform", "global", "sensitivity")),
+                           choices=("uniform", "global", "sensitivity", "owl")),
+        "owl_spread": Option(float, 0.08, "schedule=owl: layer sparsities span target +- this"),
         "exclude": Option(list, [], "node names, weight names, op types or globs to leave dense"),
         "include_first_last": Option(bool, False, "also sparsify the first and last layers"),
         "ops": Option(list, ["MatMul", "Gemm", "Conv"], "op types to sparsify"),
@@ -53,6 +65,16 @@ class Sparsify(Pass):
         "damp": Option(float, 0.01, "sparsegpt: Hessian dampening, fraction of its mean diagonal"),
         "sequential": Option(bool, False, "wanda/sparsegpt: gather each layer's inputs from the "
                              "model with the layers before it already sparsified"),
+        "error_correction": Option(bool, False, "sparsegpt: fit each layer's output to the "
+                                   "original model's from the inputs the sparsified layers "
+                                   "before it give (GPTAQ); implies sequential"),
+        "bias_correction": Option(bool, False, "add each sparsified layer's mean output change "
+                                  "(original minus sparsified, on the calibration tokens) to its "
+                                  "bias"),
+        "refit": Option(bool, False, "sparsegpt: once the mask is chosen, solve each row's "
+                        "masked least-squares problem exactly (slower, lower layer error)"),
+        "block_columns": Option(int, 128, "sparsegpt: columns per lazy batch; the unstructured "
+                                "mask is chosen per batch"),
         "token_mask": Option(str, "auto", "graph input whose 0s mark padding tokens to leave out "
                              "of the statistics (auto: an input named attention_mask; none)"),
     }
@@ -61,6 +83,11 @@ class Sparsify(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         if not 0.0 <= self.sparsity < 1.0:
             raise OptionError(f"sparsify: sparsity={self.sparsity} must be in [0, 1)")
+        for option in ("error_correction", "refit"):
+            if getattr(self, option) and self.method != "sparsegpt":
+                raise OptionError(f"sparsify: {option}=true needs method=sparsegpt")
+        if self.block_columns < 1:
+            raise OptionError(f"sparsify: block_columns={self.block_columns} must be >= 1")
         pattern = parse_pattern(self.pattern, self.block, self.nm)
         kernels = {_parse_kernel(k) for k in self.kernels}
         targets, skipped = self._select(model, kernels)
@@ -69,23 +96,29 @@ class Sparsify(Pass):
             return PassResult(False, ["sparsify: no layer to sparsify"], {"skipped": skipped})
 
         data_aware = self.method != "magnitude"
+        needs_data = data_aware or self.bias_correction
+        sequential = needs_data and (self.sequential or self.error_correction)
+        # Paired statistics (inputs of this model and of the original on the same tokens) when a
+        # correction aims at the original outputs while the inputs already changed.
+        reference = load_model(to_onnx(model)) \
+            if sequential and (self.error_correction or self.bias_correction) else None
         stats = self._statistics(model, ctx, targets, full=self.schedule == "sensitivity") \
-            if (self.schedule != "uniform" or not self.sequential) else [None] * len(targets)
+            if (self.schedule != "uniform" or not sequential) else [None] * len(targets)
         scores = [self._scores(t, s) for t, s in zip(targets, stats)]
         sparsities, scan = self._schedule(pattern, targets, scores, stats, notes)
 
         layers = []
         # Sequential: each stage (the layers reading one tensor, e.g. Q/K/V) sees the outputs of
         # the layers sparsified before it, so later layers compensate earlier errors.
-        stages = _stages(targets) if (data_aware and self.sequential) else [list(range(len(targets)))]
+        stages = _stages(targets) if sequential else [list(range(len(targets)))]
         for stage in ctx.progress(stages, total=len(stages), desc="sparsify"):
             todo = [i for i in stage if pattern.kind == "n:m" or sparsities[i] > 0.0]
             if not todo:
                 continue
-            if data_aware and (self.sequential or stats[todo[0]] is None
+            if needs_data and (sequential or stats[todo[0]] is None
                                or (self.method == "sparsegpt" and not stats[todo[0]].full)):
                 fresh = self._statistics(model, ctx, [targets[i] for i in todo],
-                                         full=self.method == "sparsegpt")
+                                         full=self.method == "sparsegpt", reference=reference)
                 for i, stat in zip(todo, fresh):
                     stats[i] = stat
                     scores[i] = self._scores(targets[i], stat)
@@ -133,25 +166,19 @@ class Sparsify(Pass):
         return chosen, skipped
 
     # -- data ------------------------------------------------------------------------------------
-    def _statistics(self, model, ctx, targets, full: bool) -> list[InputStatistics | None]:
+    def _statistics(self, model, ctx, targets, full: bool,
+                    reference=None) -> list[InputStatistics | None]:
         full = full or self.method == "sparsegpt"
-        if self.method == "magnitude" and not full:
+        if self.method == "magnitude" and not full and not self.bias_correction:
             return [None] * len(targets)
         calibration = ctx.require_calibration(model, samples=self.samples)
         return collect_statistics(model, targets, calibration, self.samples, full=full,
                                   seed=ctx.seed, progress=ctx.progress,
-                                  row_mask_input=self._token_mask(model))
+                                  row_mask_input=self._token_mask(model),
+                                  reference=reference)
 
     def _token_mask(self, model: Model) -> str | None:
-        names = [v.name for v in model.graph.inputs]
-        if self.token_mask == "none":
-            return None
-        if self.token_mask == "auto":
-            return "attention_mask" if "attention_mask" in names else None
-        if self.token_mask not in names:
-            raise OptionError(f"sparsify: token_mask={self.token_mask!r} is not a graph input "
-                              f"(inputs: {', '.join(names)})")
-        return self.token_mask
+        return token_mask_input(model, self.token_mask, "sparsify")
 
     def _scores(self, target: SparsifyTarget, stat: InputStatistics | None) -> np.ndarray:
         """Importance of each weight of the [out, in] view (SparseGPT's schedule uses Wanda's)."""
@@ -173,6 +200,8 @@ class Sparsify(Pass):
             return uniform_schedule(sizes, self.sparsity), None
         if self.schedule == "global":
             return global_schedule(scores, self.sparsity), None
+        if self.schedule == "owl":
+            return outlier_schedule(scores, sizes, self.sparsity, self.owl_spread), None
 
         def error_at(layer: int, sparsity: float) -> float:
             target, stat = targets[layer], stats[layer]
@@ -197,10 +226,24 @@ class Sparsify(Pass):
         if self.method == "sparsegpt":
             pruned = weights.copy()
             for group, rows in enumerate(target.row_groups()):
-                pruned[rows] = sparsegpt_prune(weights[rows], stat.hessian(group), pattern,
-                                               sparsity, damp=self.damp)
+                start = weights[rows]
+                if self.error_correction:
+                    start = error_correcting_start(start, stat.hessian(group), stat.cross(group),
+                                                   self.damp)
+                pruned[rows] = sparsegpt_prune(start, stat.hessian(group), pattern, sparsity,
+                                               damp=self.damp, block_columns=self.block_columns)
+                if self.refit:
+                    pruned[rows] = masked_least_squares(start, stat.hessian(group),
+                                                        pruned[rows] != 0, self.damp)
         else:
             pruned = weights * self._mask(target, pattern, score, sparsity)
+        shifted = None
+        if self.bias_correction:
+            shift = np.concatenate([
+                mean_output_shift(weights[rows], pruned[rows], stat.mean(group),
+                                  stat.reference_mean(group))
+                for group, rows in enumerate(target.row_groups())])
+            shifted = add_output_shift(model.graph, target, shift)
         stored = target.from_matrix(pruned)
         old = target.weight
         new = model.graph.add_constant(f"{old.name}_sparse", stored)
@@ -216,6 +259,8 @@ class Sparsify(Pass):
         record = {"node": target.node.name, "weight": new.name, "shape": list(stored.shape),
                   "size": int(stored.size), "target": round(float(sparsity), 4),
                   "density": round(density, 6)}
+        if shifted is not None:
+            record["bias_correction"] = shifted
         if stat is not None and stat.full:
             record["output_error"] = round(_layer_error(target, stat, weights, pruned), 6)
         return record
@@ -233,7 +278,17 @@ def _stages(targets: list[SparsifyTarget]) -> list[list[int]]:
 
 
 def _layer_error(target: SparsifyTarget, stat: InputStatistics, weights, pruned) -> float:
-    """Relative output error of the whole layer over its row groups."""
+    """Relative output error of the whole layer over its row groups (before any bias
+    correction); with paired statistics, relative to the original model's output."""
+    if stat.paired:
+        num = den = 0.0
+        for group, rows in enumerate(target.row_groups()):
+            w, h_ref = weights[rows], stat.reference_hessian(group)
+            share = float(((w @ h_ref) * w).sum())
+            num += share * paired_output_error(w, pruned[rows], stat.hessian(group),
+                                               stat.cross(group), h_ref)
+            den += share
+        return num / max(den, 1e-30)
     if len(target.row_groups()) == 1:
         return relative_output_error(weights, pruned, stat.hessian(0))
     num = den = 0.0

@@ -17,10 +17,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx
 
-from ir import Model
+from ir import Model, to_onnx
 
-from ..calibration import CalibrationSet, capture_session
+from ..calibration import CalibrationSet, capture_session, make_session
 from .layers import SparsifyTarget
 
 __all__ = ["InputStatistics", "collect_statistics", "conv_patches"]
@@ -33,27 +34,70 @@ ROW_BUFFER_BYTES = 32 * 2**20
 
 
 class InputStatistics:
-    """Per row group (conv groups; one group otherwise): H = mean x x^T, or only its diagonal."""
+    """Per row group (conv groups; one group otherwise): H = mean x x^T, or only its diagonal,
+    and the mean row E[x].
 
-    def __init__(self, groups: int, columns: int, full: bool):
-        self.full = full
-        self.sums = [np.zeros((columns, columns) if full else columns) for _ in range(groups)]
+    Paired statistics (`paired=True`) also fold in the rows x_ref that the *reference* model
+    (the original, dense one) feeds the same layer on the same tokens, while x comes from the
+    model being sparsified: the cross moment E[x x_ref^T], E[x_ref x_ref^T] and E[x_ref]. They
+    let a layer reconstruct the reference output W x_ref from its actual input x (see
+    `correction`).
+    """
+
+    def __init__(self, groups: int, columns: int, full: bool, paired: bool = False):
+        self.full = full or paired
+        self.paired = paired
+        square = (columns, columns) if self.full else columns
+        self.sums = [np.zeros(square) for _ in range(groups)]
+        self.row_sums = [np.zeros(columns) for _ in range(groups)]
+        self.cross_sums = [np.zeros((columns, columns)) for _ in range(groups)] if paired else None
+        self.reference_sums = [np.zeros((columns, columns)) for _ in range(groups)] \
+            if paired else None
+        self.reference_row_sums = [np.zeros(columns) for _ in range(groups)] if paired else None
         self.rows = 0
 
-    def add(self, per_group_rows: list[np.ndarray]) -> None:
-        """Fold in rows x [rows, columns]. The product runs in float32 (a few thousand rows per
-        call, so rounding stays ~1e-6 relative, far below SparseGPT's 1% dampening) and is summed
-        in float64 across calls."""
+    def add(self, per_group_rows: list[np.ndarray],
+            reference_rows: list[np.ndarray] | None = None) -> None:
+        """Fold in rows x [rows, columns] (and, when paired, the reference rows of the same
+        tokens). The products run in float32 (a few thousand rows per call, so rounding stays
+        ~1e-6 relative, far below SparseGPT's 1% dampening) and are summed in float64."""
+        if self.paired and reference_rows is None:
+            raise ValueError("paired statistics need the reference rows too")
         for index, x in enumerate(per_group_rows):
             x = np.ascontiguousarray(x, dtype=np.float32)
             self.sums[index] += x.T @ x if self.full else np.einsum("ij,ij->j", x, x)
+            self.row_sums[index] += x.sum(axis=0, dtype=np.float64)
+            if self.paired:
+                ref = np.ascontiguousarray(reference_rows[index], dtype=np.float32)
+                self.cross_sums[index] += x.T @ ref
+                self.reference_sums[index] += ref.T @ ref
+                self.reference_row_sums[index] += ref.sum(axis=0, dtype=np.float64)
         self.rows += len(per_group_rows[0])
+
+    def _mean(self, sums: np.ndarray) -> np.ndarray:
+        return sums / max(self.rows, 1)
 
     def hessian(self, group: int = 0) -> np.ndarray:
         """E[x x^T] of row group `group` ([in, in]); needs full statistics."""
         if not self.full:
             raise ValueError("only the diagonal was collected")
-        return self.sums[group] / max(self.rows, 1)
+        return self._mean(self.sums[group])
+
+    def mean(self, group: int = 0) -> np.ndarray:
+        """E[x] over the rows ([in])."""
+        return self._mean(self.row_sums[group])
+
+    def cross(self, group: int = 0) -> np.ndarray:
+        """E[x x_ref^T] ([in, in]); equals `hessian` when the inputs match the reference."""
+        return self._mean(self.cross_sums[group]) if self.paired else self.hessian(group)
+
+    def reference_hessian(self, group: int = 0) -> np.ndarray:
+        """E[x_ref x_ref^T] ([in, in])."""
+        return self._mean(self.reference_sums[group]) if self.paired else self.hessian(group)
+
+    def reference_mean(self, group: int = 0) -> np.ndarray:
+        """E[x_ref] ([in]); equals `mean` when unpaired."""
+        return self._mean(self.reference_row_sums[group]) if self.paired else self.mean(group)
 
     def column_norms(self, group: int = 0) -> np.ndarray:
         """sqrt(E[x_j^2]) per input column: Wanda's activation norm (scaled by 1/sqrt(rows))."""
@@ -137,7 +181,8 @@ def _statistic_key(target: SparsifyTarget) -> tuple:
 
 def collect_statistics(model: Model, targets: list[SparsifyTarget], calibration: CalibrationSet,
                        samples: int, full: bool, seed: int = 0, progress=None,
-                       row_mask_input: str | None = None) -> list[InputStatistics]:
+                       row_mask_input: str | None = None,
+                       reference: Model | None = None) -> list[InputStatistics]:
     """One InputStatistics per target (shared between targets reading the same input).
 
     The model runs once per calibration feed with every target's input as an extra output, and
@@ -145,7 +190,9 @@ def collect_statistics(model: Model, targets: list[SparsifyTarget], calibration:
     over the data whatever the number of layers, and memory bounded by one feed's activations
     (plus ROW_BUFFER_BYTES of rows per statistic, so that x^T x runs as one large BLAS product).
     `row_mask_input` names a graph input whose 0 entries mark rows to leave out (see
-    `layer_rows`)."""
+    `layer_rows`). With a `reference` model (the same graph inputs and the same names for the
+    targets' inputs, e.g. a copy of the original of a model being sparsified) the statistics are
+    paired: both models run on each feed and the same rows of both are folded in."""
     rng = np.random.default_rng(seed)
     keyed: dict[tuple, InputStatistics] = {}
     owners: dict[tuple, SparsifyTarget] = {}
@@ -153,34 +200,76 @@ def collect_statistics(model: Model, targets: list[SparsifyTarget], calibration:
         key = _statistic_key(target)
         if key not in keyed:
             columns = target.matrix().shape[1]
-            keyed[key] = InputStatistics(target.groups, columns, full)
+            keyed[key] = InputStatistics(target.groups, columns, full,
+                                         paired=reference is not None)
             owners[key] = target
     names = sorted({target.node.input(0).name for target in owners.values()})
-    session = capture_session(model, names)
+    session = truncated_capture_session(model, names)
+    reference_session = truncated_capture_session(reference, names) \
+        if reference is not None else None
     feeds = calibration.feeds(model, samples)
-    buffers: dict[tuple, list[list[np.ndarray]]] = {key: [] for key in keyed}
+    buffers: dict[tuple, list[tuple]] = {key: [] for key in keyed}
     iterate = progress(feeds, total=len(feeds), desc="sparsify: calibration") if progress \
         else feeds
     for feed in iterate:
         captured = dict(zip(names, session.run(names, feed)))
+        references = dict(zip(names, reference_session.run(names, feed))) \
+            if reference_session is not None else None
         mask = feed[row_mask_input] if row_mask_input is not None else None
         for key, target in owners.items():
-            rows = layer_rows(np.asarray(captured[target.node.input(0).name]), target, mask)
+            name = target.node.input(0).name
+            rows = layer_rows(np.asarray(captured[name]), target, mask)
+            ref_rows = layer_rows(np.asarray(references[name]), target, mask) \
+                if references is not None else None
             if len(rows[0]) > MAX_ROWS_PER_FEED:
                 pick = np.sort(rng.choice(len(rows[0]), MAX_ROWS_PER_FEED, replace=False))
                 rows = [r[pick] for r in rows]
-            buffers[key].append(rows)
-            if sum(r.nbytes for parts in buffers[key] for r in parts) >= ROW_BUFFER_BYTES:
+                ref_rows = [r[pick] for r in ref_rows] if ref_rows is not None else None
+            buffers[key].append((rows, ref_rows))
+            if sum(r.nbytes for parts, _ in buffers[key] for r in parts) >= ROW_BUFFER_BYTES:
                 _flush(keyed[key], buffers[key])
-        del captured
+        del captured, references
     for key in keyed:
         _flush(keyed[key], buffers[key])
     return [keyed[_statistic_key(t)] for t in targets]
 
 
-def _flush(stat: InputStatistics, buffered: list[list[np.ndarray]]) -> None:
-    if buffered:
-        stat.add([np.concatenate(parts) for parts in zip(*buffered)])
-        buffered.clear()
+def truncated_capture_session(model: Model, value_names: list[str]):
+    """An onnxruntime session that computes only `value_names` and what they depend on.
+
+    onnxruntime runs every node of a graph whatever outputs are fetched, so a sequential sweep
+    that captures the inputs of layer l would otherwise pay for the whole model at every stage.
+    Graphs with subgraphs (If/Loop/Scan may read outer values implicitly) are not truncated.
+    """
+    proto = to_onnx(model)
+    graph = proto.graph
+    if any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for node in graph.node for attr in node.attribute):
+        return capture_session(model, value_names)
+    needed = set(value_names)
+    kept = []
+    for node in reversed(graph.node):
+        if any(out in needed for out in node.output):
+            kept.append(node)
+            needed.update(name for name in node.input if name)
+    kept.reverse()
+    del graph.node[:]
+    graph.node.extend(kept)
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    # Graph inputs stay (the calibration feeds all of them); outputs are exactly the captures.
+    del graph.output[:]
+    graph.output.extend(onnx.ValueInfoProto(name=name) for name in value_names)
+    return make_session(proto)
 
 
+def _flush(stat: InputStatistics, buffered: list[tuple]) -> None:
+    if not buffered:
+        return
+    rows = [np.concatenate(parts) for parts in zip(*(entry[0] for entry in buffered))]
+    reference = None
+    if stat.paired:
+        reference = [np.concatenate(parts) for parts in zip(*(entry[1] for entry in buffered))]
+    stat.add(rows, reference)
+    buffered.clear()

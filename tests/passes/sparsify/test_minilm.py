@@ -1,5 +1,7 @@
 """sparsify on the real MiniLM: SparseGPT keeps the sentence embeddings closer to the dense model's
-than magnitude pruning does (fast, seq_len 32), and the issue's cosine bound (slow, seq_len 128).
+than magnitude pruning does (fast, seq_len 32), the issue's cosine bound (slow, xfail: not met)
+and the cosine of the corrections at the level bench/sparsify_accuracy.py measured (slow); the
+slow tests use seq_len 32, where every evaluation sentence fits (same metric as 128).
 
 The fast test sparsifies the six layers of one transformer block only, so that it runs in a few
 seconds; the slow tests run the full configurations of bench/sparsify_accuracy.py.
@@ -49,13 +51,33 @@ def test_sparsegpt_beats_magnitude_on_one_block(dense32, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="not met yet: measured cosine 0.911 (50%) and below for 2:4, see "
+@pytest.mark.xfail(reason="not met: best measured cosine 0.928 (50%) and 0.880 (2:4), see "
                           "bench/results/sparsify.md", strict=False)
-@pytest.mark.parametrize("spec", ["sparsify:sparsity=0.5:method=sparsegpt",
-                                  "sparsify:pattern=nm:nm=2of4:method=sparsegpt"])
-def test_issue_bound_sparsegpt_cosine(spec, tmp_path):
+@pytest.mark.parametrize("spec", ["sparsify:sparsity=0.5:method=sparsegpt:error_correction=true:"
+                                  "refit=true",
+                                  "sparsify:pattern=nm:nm=2of4:method=sparsegpt:"
+                                  "error_correction=true:refit=true"])
+def test_issue_bound_sparsegpt_cosine(spec, dense32, tmp_path):
     samples = 512
-    calib = minilm.calibration_npz(tmp_path / "calib.npz", n=samples, seq_len=128, corpus="prose")
-    dense = onnx.load(str(minilm.model_path(seq_len=128, batch=1)))
-    out = passes.apply(dense, f"{spec}:samples={samples}", calibration=calib)
+    calib = minilm.calibration_npz(tmp_path / "calib.npz", n=samples, seq_len=32, corpus="prose")
+    out = passes.apply(dense32, f"{spec}:samples={samples}", calibration=calib)
     assert _cosine(out) >= float(os.environ.get("SPARSIFY_MINILM_COSINE", "0.97"))
+
+
+# (spec, cosine measured by bench/sparsify_accuracy.py at seq_len 32 with 512 prose sentences)
+MEASURED = [
+    ("sparsify:sparsity=0.5:method=sparsegpt:error_correction=true", 0.9197),
+    ("sparsify:sparsity=0.5:method=sparsegpt:refit=true", 0.9249),
+    ("sparsify:sparsity=0.5:method=sparsegpt:error_correction=true:refit=true", 0.9280),
+    ("sparsify:pattern=nm:nm=2of4:method=sparsegpt:error_correction=true:refit=true", 0.8800),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec,measured", MEASURED)
+def test_minilm_cosine_stays_at_the_measured_level(spec, measured, dense32, tmp_path):
+    """The corrections' measured cosine (bench/results/sparsify.md) minus a 0.01 margin."""
+    samples = 512
+    calib = minilm.calibration_npz(tmp_path / "calib.npz", n=samples, seq_len=32, corpus="prose")
+    out = passes.apply(dense32, f"{spec}:samples={samples}", calibration=calib)
+    assert _cosine(out) >= measured - 0.01
