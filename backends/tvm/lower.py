@@ -12,6 +12,10 @@ A node fed only by constants is evaluated at compile time (this is how Dequantiz
 weights becomes a float weight: dense simulation, while the int8 data and its `meta["quant"]`
 stay reachable for kernels).
 
+float32 Softmax (over the last axis, or the flattened trailing axes before opset 13), Erf and
+Gelu use our vectorizable versions (`fast_math.py`): LLVM turns exact exp/erf into one libm call
+per element, which made softmax and GELU cost more than the matmuls around them.
+
 Hook for our own kernels: before the generic lowering of MatMul/Gemm/Conv, if the weight (input
 1) carries `meta["sparsity"]` or `meta["quant"]` (on itself, or on the constant feeding its
 DequantizeLinear) and `backends.tvm.kernels` exists, `kernels.dispatch(ctx, node)` is called. It
@@ -70,6 +74,7 @@ class LoweringContext:
     """
 
     target = None  # what the code is for (kernel dispatch reads it); None = the host CPU
+    tunable_kernels = False  # sparse kernels as MetaSchedule-tunable TIR (see lower_model)
 
     def __init__(self, model: Model, bb):
         from tvm import relax
@@ -269,7 +274,22 @@ def lower_leaky_relu(ctx, node):
 
 def lower_gelu(ctx, node):
     x = ctx.expr(node.inputs[0])
-    return _op().nn.gelu_tanh(x) if node.attr("approximate", "none") == "tanh" else _op().nn.gelu(x)
+    if node.attr("approximate", "none") == "tanh":
+        return _op().nn.gelu_tanh(x)
+    if ctx.dtype(node.inputs[0]) == "float32":
+        from .fast_math import gelu_erf_te
+        return ctx.bb.emit_te(gelu_erf_te, x)
+    return _op().nn.gelu(x)
+
+
+def lower_erf(ctx, node):
+    """float32 erf as TOPI's vectorizable polynomial (see fast_math.py): LLVM turns the exact
+    erf into one libm call per element, which made GELU cost more than its matmul."""
+    x = ctx.expr(node.inputs[0])
+    if ctx.dtype(node.inputs[0]) == "float32":
+        from .fast_math import fast_erf_te
+        return ctx.bb.emit_te(fast_erf_te, x)
+    return _op().erf(x)
 
 
 def lower_hard_sigmoid(ctx, node):
@@ -291,11 +311,39 @@ def lower_softmax(ctx, node, log=False):
     fn = _op().nn.log_softmax if log else _op().nn.softmax
     axis = node.attr("axis", -1 if ctx.model.opset >= 13 else 1)
     axis = axis % len(shape)
-    if ctx.model.opset >= 13 or axis == len(shape) - 1:
+    last = axis == len(shape) - 1
+    if not log and ctx.dtype(node.inputs[0]) == "float32" and (last or ctx.model.opset < 13) \
+            and _targets_cpu(ctx):
+        return _softmax_rows(ctx, x, shape, axis)
+    if ctx.model.opset >= 13 or last:
         return fn(x, axis=axis)
     # Before opset 13, Softmax normalizes over all axes from `axis` on (flattened to 2-D).
     flat = ctx.emit(_op().reshape(x, (int(np.prod(shape[:axis])), int(np.prod(shape[axis:])))))
     return _op().reshape(ctx.emit(fn(flat, axis=1)), shape)
+
+
+def _targets_cpu(ctx) -> bool:
+    """Whether the code is for an LLVM CPU target (None: the host); our pre-scheduled CPU
+    kernels (parallel loops, no thread bindings) do not compile for GPUs."""
+    target = ctx.target
+    if target is None:
+        return True
+    target = getattr(target, "config", target)  # a TargetSpec holds its target dict
+    kind = target.get("kind") if isinstance(target, dict) else getattr(target, "kind", None)
+    return str(getattr(kind, "name", kind)) == "llvm"
+
+
+def _softmax_rows(ctx, x, shape, axis):
+    """Softmax over the axes from `axis` on, as our pre-scheduled row kernel (fast_math.py):
+    one exp per element instead of two, contiguous row reductions."""
+    from .fast_math import softmax_rows
+    rows, columns = int(np.prod(shape[:axis])), int(np.prod(shape[axis:]))
+    func = softmax_rows(rows, columns)
+    gvar = ctx.bb.add_func(func.without_attr("global_symbol"), "softmax_rows")
+    flat = ctx.emit(_op().reshape(x, (rows, columns)))
+    y = ctx.emit(ctx.relax.call_tir(gvar, [flat],
+                                    out_ty=ctx.relax.TensorType([rows, columns], "float32")))
+    return _op().reshape(y, shape)
 
 
 def lower_transpose(ctx, node):
@@ -649,7 +697,7 @@ LOWERINGS: dict[str, Callable] = {
     "GreaterOrEqual": _binary("greater_equal"), "And": _binary("logical_and"),
     "Or": _binary("logical_or"), "Where": lower_where, "Mod": _binary("floor_mod"),
     "Relu": _nn_unary("relu"), "Sigmoid": _unary("sigmoid"), "Tanh": _unary("tanh"),
-    "Exp": _unary("exp"), "Log": _unary("log"), "Sqrt": _unary("sqrt"), "Erf": _unary("erf"),
+    "Exp": _unary("exp"), "Log": _unary("log"), "Sqrt": _unary("sqrt"), "Erf": lower_erf,
     "Neg": _unary("negative"), "Abs": _unary("abs"), "Floor": _unary("floor"),
     "Ceil": _unary("ceil"), "Not": _unary("logical_not"), "Sin": _unary("sin"),
     "Cos": _unary("cos"), "Reciprocal": lower_reciprocal, "Clip": lower_clip,
@@ -708,11 +756,15 @@ def _check_supported(model: Model) -> None:
                 f"{value.shape} (give --input-shape and run cleanup)")
 
 
-def lower_model(model: Model, use_kernels: bool = True, target=None) -> LoweredModule:
+def lower_model(model: Model, use_kernels: bool = True, target=None,
+                tunable_kernels: bool = False) -> LoweredModule:
     """Lower a cleaned-up IR model with static shapes to a Relax IRModule (see module doc).
 
     `target` (a TargetSpec, target dict or tvm Target) lets the kernel dispatch pick the
     schedule and instructions of the machine the code is for; None means the host CPU.
+    `tunable_kernels` makes the sparse kernels schedulable TIR with constant loop extents
+    (blocked-ELL, `kernels/ell.py`) that MetaSchedule can tune, instead of our pre-scheduled
+    BSR kernels (which MetaSchedule skips); use it when the module will be tuned.
     """
     from tvm import relax
 
@@ -724,6 +776,7 @@ def lower_model(model: Model, use_kernels: bool = True, target=None) -> LoweredM
     ctx = LoweringContext(model, bb)
     if target is not None:
         ctx.target = target
+    ctx.tunable_kernels = bool(tunable_kernels)
     input_vars = []
     for value in graph.inputs:
         if value.is_constant:

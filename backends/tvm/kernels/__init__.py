@@ -1,23 +1,28 @@
-"""Our own TVM kernels: block-sparse (BSR) and dense fp32 matmul/1x1-conv kernels as TVMScript,
+"""Our own TVM kernels: block-sparse (BSR) and dense fp32 matmul/conv kernels as TVMScript,
 the cost model that picks between them, and `dispatch`, the hook `backends.tvm.lower` calls.
 
     bsr.py     dense weight -> BSR; the BSR kernel (K-major activations, register tiles)
     dense.py   our dense kernel in the same schedule style (the fair baseline)
+    im2col.py  a general Conv (kxk, stride, padding, dilation) as a matrix product
+    ell.py     the BSR product as schedulable blocked-ELL TIR that MetaSchedule can tune
     choice.py  formats per sparsity pattern, break-even densities per target, Relax emitters
     int8.py    int8 BSR/dense kernel: int32 accumulation (vpmaddwd / sdot), fused requantize
-    qdq.py     QDQ MatMul/Gemm/1x1 Conv -> the int8 kernel (dequantizing store)
+    qdq.py     QDQ MatMul/Gemm/Conv -> the int8 kernel (dequantizing store)
     cuda.py    the BSR kernel for CUDA (compile-checked only)
-    tune.py    searching the schedule knobs on the real pattern (MetaSchedule does not fit)
+    tune.py    searching our BSR kernel's schedule knobs on the real pattern
 
-`dispatch(ctx, node)` first sends QDQ-quantized MatMul/Gemm/1x1 Conv (weight with `meta["quant"]`)
+`dispatch(ctx, node)` first sends QDQ-quantized MatMul/Gemm/Conv (weight with `meta["quant"]`)
 to the int8 kernel when the target has a vector int8 product (see qdq.py). Otherwise it handles
-MatMul (constant 2-D weight), Gemm (transA=0, constant B, bias
-broadcast along N) and 1x1 Conv (stride 1, no padding, group 1) in float32, when the weight's
-`meta["sparsity"]` makes the BSR kernel the faster choice. It returns None (dense lowering) in
-every other case. The target comes from `ctx.target` (TargetSpec, target dict or tvm Target) when
-the lowering sets it; without it the host's x86 choices apply and the int8 path is off. The
-decision is written into `ctx.weight_meta[weight]["kernel"]`, which the
-backend reports per layer (manifest `weight_meta`).
+MatMul (constant 2-D weight), Gemm (transA=0, constant B, bias broadcast along N) and Conv
+(group 1, 2-D; kxk / strided / padded / dilated ones through im2col) in float32, when the
+weight's `meta["sparsity"]` makes the BSR kernel the faster choice (choice.py). It returns None
+(dense lowering) in every other case. The target comes from `ctx.target` (TargetSpec, target
+dict or tvm Target) when the lowering sets it; without it the host's x86 choices apply and the
+int8 path is off. With `ctx.tunable_kernels` (lower_model's `tunable_kernels=True`) the sparse
+product is the blocked-ELL kernel MetaSchedule can tune instead of our pre-scheduled BSR kernel.
+The decision is written into `ctx.weight_meta[weight]["kernel"]`, which the backend reports per
+layer (manifest `weight_meta`): kernel, format, pattern, block, block density, threshold,
+im2col and the reason in words.
 """
 
 from __future__ import annotations
@@ -25,13 +30,17 @@ from __future__ import annotations
 import numpy as np
 
 from .bsr import BSR, to_bsr, bsr_matmul_kn, cpu_schedule
-from .choice import (BREAK_EVEN_DENSITY, KernelChoice, choose_kernel, emit_sparse_conv1x1,
-                     emit_sparse_matmul, kernel_choice, storage_format, target_family)
+from .choice import (BREAK_EVEN_DENSITY, KernelChoice, choose_kernel, emit_sparse_conv,
+                     emit_sparse_conv1x1, emit_sparse_matmul, kernel_choice, storage_format,
+                     target_family)
 from .dense import dense_matmul_kn
+from .ell import to_ell
+from .im2col import ConvGeometry, conv_geometry
 from .qdq import emit_int8
 
 __all__ = ["dispatch", "choose_kernel", "kernel_choice", "emit_sparse_matmul",
-           "emit_sparse_conv1x1", "storage_format", "target_family", "BREAK_EVEN_DENSITY",
+           "emit_sparse_conv1x1", "emit_sparse_conv", "storage_format", "target_family",
+           "BREAK_EVEN_DENSITY",
            "KernelChoice", "BSR", "to_bsr", "bsr_matmul_kn", "dense_matmul_kn", "cpu_schedule"]
 
 
@@ -46,7 +55,8 @@ def _target_of(ctx):
 
 
 def _weight_and_bias(ctx, node):
-    """(W[N, K] out x in, bias[N] or None, kind) of a supported node, else None."""
+    """(W[N, K] out x in, bias[N] or None, kind) of a supported node, else None; kind is
+    "matmul" or, for a Conv, its `ConvGeometry`."""
     w_value = node.input(1)
     if not ctx.is_known(w_value) or str(np.dtype(w_value.dtype)) != "float32":
         return None
@@ -72,18 +82,14 @@ def _weight_and_bias(ctx, node):
             bias = np.broadcast_to(c_array.reshape(-1), (n,)) * float(node.attr("beta", 1.0))
         return weight, bias, "matmul"
     if node.op_type == "Conv":
-        if w.ndim != 4 or tuple(w.shape[2:]) != (1, 1) or len(x_shape) != 4:
-            return None
-        if int(node.attr("group", 1)) != 1 or any(s != 1 for s in node.attr("strides", [1, 1])):
-            return None
-        if any(p != 0 for p in node.attr("pads", [0, 0, 0, 0])) or \
-                node.attr("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET", "VALID", b"VALID"):
+        geometry = conv_geometry(node, x_shape, w.shape)
+        if geometry is None:
             return None
         b = node.input(2)
         if b is not None and not ctx.is_known(b):
             return None
         bias = None if b is None else np.asarray(ctx.const(b), np.float32)
-        return w.reshape(w.shape[0], -1), bias, "conv1x1"
+        return w.reshape(w.shape[0], -1), bias, geometry
     return None
 
 
@@ -110,13 +116,22 @@ def dispatch(ctx, node):
                                                            f"by the BSR kernel"})
         return None
     weight, bias, kind = found
-    choice = kernel_choice(meta, weight, target)
-    _record(ctx, w_value, dict(choice.as_dict(), node=node.name))
-    if choice.kernel != "bsr":
+    im2col = isinstance(kind, ConvGeometry) and not kind.is_pointwise
+    tunable = bool(getattr(ctx, "tunable_kernels", False))
+    choice = kernel_choice(meta, weight, target, im2col=im2col, tunable=tunable)
+    record = dict(choice.as_dict(), node=node.name)
+    if choice.kernel == "ell":
+        # the extra multiply-adds of padding every block row to the longest one
+        record["ell_padding"] = round(to_ell(to_bsr(weight, choice.block)).padding, 3)
+    _record(ctx, w_value, record)
+    if choice.kernel not in ("bsr", "ell"):
         return None
-    emit = emit_sparse_matmul if kind == "matmul" else emit_sparse_conv1x1
-    return emit(ctx.bb, ctx.expr(node.inputs[0]), weight, bias, meta, target, name=name,
-                make_param=ctx.param)
+    x = ctx.expr(node.inputs[0])
+    if not isinstance(kind, ConvGeometry):
+        return emit_sparse_matmul(ctx.bb, x, weight, bias, meta, target, name=name,
+                                  make_param=ctx.param, tunable=tunable)
+    return emit_sparse_conv(ctx.bb, x, weight, bias, meta, target, kind, name=name,
+                            make_param=ctx.param, tunable=tunable)
 
 
 def _record(ctx, w_value, info: dict) -> None:

@@ -1,4 +1,4 @@
-"""Routing QDQ-quantized MatMul / Gemm / 1x1 Conv to the int8 kernel (`int8.bsr_int8_kn`).
+"""Routing QDQ-quantized MatMul / Gemm / Conv to the int8 kernel (`int8.bsr_int8_kn`).
 
 The quantize pass leaves  x -> QuantizeLinear -> DequantizeLinear -> op(., DequantizeLinear(Wq))
 and TVM's lowering would run the op in float on dequantized values. Here the op reads the
@@ -13,7 +13,9 @@ kernel serves both. Only the vector inner products are used ("madd" on x86 AVX2,
 with +dotprod): the plain int32 one measured slower than float32 here, so without them the node
 stays on the float path. Sparse int8 weights keep their blocks when the block width fits the
 inner product (C a multiple of 2 / 4), else they are re-blocked R x 2 / R x 4 (R = 4) and the
-block density decides as for float.
+block density decides as for float. A Conv (group 1, any kernel / stride / padding / dilation)
+runs on im2col of xq (`im2col.py`, the halo filled with the zero point), K padded with zero
+weight columns to whole quads.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from __future__ import annotations
 import numpy as np
 
 from .bsr import to_bsr
-from .choice import BREAK_EVEN_DENSITY, target_family
+from .choice import BREAK_EVEN_DENSITY, pattern_name, target_family
+from .im2col import ConvGeometry, conv_geometry, emit_im2col_packed
 from .int8 import bsr_int8_kn, dequantize_params, int8_method_for
 
 __all__ = ["quantized_operands", "emit_int8"]
@@ -40,7 +43,7 @@ def _const_scalar(ctx, value, default=0):
 
 def quantized_operands(ctx, node):
     """(xq value, sx, zx, Wq [N, K] int8, sw [N], bias [N] or None, kind) for a QDQ node the
-    int8 kernel can run, else None."""
+    int8 kernel can run, else None; kind is "matmul" or the Conv's `ConvGeometry`."""
     x_dq, w_dq = node.inputs[0].producer, node.input(1).producer
     if x_dq is None or w_dq is None or x_dq.op_type != "DequantizeLinear" \
             or w_dq.op_type != "DequantizeLinear":
@@ -81,12 +84,10 @@ def quantized_operands(ctx, node):
             bias = np.broadcast_to(np.asarray(ctx.const(c), np.float32).reshape(-1),
                                    (weight.shape[0],)) * np.float32(node.attr("beta", 1.0))
     elif node.op_type == "Conv":
-        if wq.ndim != 4 or tuple(wq.shape[2:]) != (1, 1) or (scales.size > 1 and axis != 0):
+        geometry = conv_geometry(node, tuple(int(d) for d in xq.shape), wq.shape)
+        if geometry is None or (scales.size > 1 and axis != 0):
             return None
-        if int(node.attr("group", 1)) != 1 or any(s != 1 for s in node.attr("strides", [1, 1])) \
-                or any(p != 0 for p in node.attr("pads", [0, 0, 0, 0])):
-            return None
-        weight, kind = wq.reshape(wq.shape[0], -1), "conv1x1"
+        weight, kind = wq.reshape(wq.shape[0], -1), geometry
         b = node.input(2)
         if b is not None:
             if not ctx.is_known(b):
@@ -116,6 +117,12 @@ def emit_int8(ctx, node, meta: dict, target, name: str):
         return None
     xq, sx, zx, weight, sw, bias, kind = found
     n, k = weight.shape
+    conv = isinstance(kind, ConvGeometry)
+    if conv and k % 4:
+        # Zero weight columns up to whole quads: the inner products need K % group == 0, and
+        # im2col pads the activations to match (what they hold there is multiplied by 0).
+        weight = np.pad(weight, ((0, 0), (0, -k % 4)))
+        k = weight.shape[1]
     method = int8_method_for(target, 4, k)     # the target's best; blocks are chosen to fit it
     if method not in GROUP:
         return None
@@ -126,22 +133,25 @@ def emit_int8(ctx, node, meta: dict, target, name: str):
     sparse = bsr.block_density < BREAK_EVEN_DENSITY[family]["vector"]
     op = relax.op
     x = ctx.expr(xq)
-    if str(np.dtype(xq.dtype)) == "uint8":
-        x = ctx.emit(op.astype(op.subtract(op.astype(x, "int16"), relax.const(128, "int16")),
-                               "int8"))
-        zx -= 128
+    x_dtype = "int16" if method == "madd" else "int8"
+    # uint8 activations (the pass's default) are shifted to int8: one signed kernel.
+    offset = 128 if str(np.dtype(xq.dtype)) == "uint8" else 0
+    zx -= offset
     shape = [int(d) for d in x.ty.shape]
-    if kind == "matmul":
+    if conv:
+        # im2col straight into the packed layout, shift included; the halo reads the zero
+        # point (what a float 0 quantizes to).
+        batch, p = shape[0], kind.p
+        packed = emit_im2col_packed(ctx.bb, x, kind, zx, group, k, x_dtype, offset)
+    else:
+        if offset:
+            x = ctx.emit(op.astype(op.subtract(op.astype(x, "int16"),
+                                               relax.const(offset, "int16")), "int8"))
         m = int(np.prod(shape[:-1]))
         batch, p = 1, m
-        x3 = op.permute_dims(op.reshape(x, [m, k]), [1, 0])           # [K, M]
-        x3 = op.reshape(x3, [1, k, m])
-    else:
-        batch, p = shape[0], shape[2] * shape[3]
-        x3 = op.reshape(x, [batch, k, p])
-    packed = op.permute_dims(op.reshape(x3, [batch, k // group, group, p]), [0, 1, 3, 2])
-    packed = ctx.emit(op.reshape(op.astype(packed, "int16" if method == "madd" else "int8"),
-                                 [batch, k // group, p * group]))
+        x3 = op.reshape(op.permute_dims(op.reshape(x, [m, k]), [1, 0]), [1, k, m])  # [1, K, M]
+        packed = op.permute_dims(op.reshape(x3, [batch, k // group, group, p]), [0, 1, 3, 2])
+        packed = ctx.emit(op.reshape(op.astype(packed, x_dtype), [batch, k // group, p * group]))
     func, data = bsr_int8_kn(bsr, batch, p, method=method, out_dtype="float32")
     gvar = ctx.bb.add_func(func.without_attr("global_symbol"), f"int8_{name}")
     b_q, mult = dequantize_params(weight, sx, zx, sw)
@@ -153,13 +163,14 @@ def emit_int8(ctx, node, meta: dict, target, name: str):
             ctx.param(f"{name}_i8_bias", np.zeros(n, np.float32) if bias is None
                       else np.asarray(bias, np.float32))]
     y3 = ctx.emit(relax.call_tir(gvar, args, out_ty=relax.TensorType([batch, n, p], "float32")))
-    if kind == "matmul":
+    if not conv:
         y = op.reshape(op.permute_dims(op.reshape(y3, [n, p]), [1, 0]), shape[:-1] + [n])
     else:
-        y = op.reshape(y3, [batch, n, shape[2], shape[3]])
+        y = op.reshape(y3, [batch, n, kind.out_height, kind.out_width])
     record = {"kernel": "int8-bsr" if sparse else "int8-dense", "method": method,
               "format": f"bsr {block[0]}x{block[1]} int8", "block": list(block),
               "block_density": bsr.block_density, "node": node.name,
+              "pattern": pattern_name(meta), "im2col": conv and not kind.is_pointwise,
               "reason": f"QDQ {node.op_type}: int8 x int8 -> int32 with {method}, dequantized in "
                         f"the store (every block kept counts: sparse below "
                         f"{BREAK_EVEN_DENSITY[family]['vector']} block density)"}

@@ -1,7 +1,8 @@
-"""Tuning hook for our kernels: search the schedule knobs with the weight's real pattern.
+"""Tuning hook for our BSR kernel: search the schedule knobs with the weight's real pattern.
 
-MetaSchedule does not fit these kernels: they are written already scheduled (no sblocks to
-transform, `tirx.is_scheduled`), their nnz loop has a data-dependent extent, and its runners
+MetaSchedule does not fit our kernels (`ell.py` is the MetaSchedule-tunable form of the same
+product, lower_model's `tunable_kernels=True`): they are written already scheduled (no sblocks
+to transform, `tirx.is_scheduled`), their nnz loop has a data-dependent extent, and its runners
 call kernels with random arguments, i.e. garbage `indptr`/`indices` (out-of-bounds reads). So the
 knobs that matter - the P tile (accumulator columns per register tile) and, for the dense
 kernel, the rows per tile - are searched here instead, timing the compiled kernel on the actual

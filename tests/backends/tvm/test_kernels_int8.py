@@ -185,3 +185,54 @@ def test_qdq_graph_runs_int8_kernels_through_the_lowering(monkeypatch):
     args += [tvm.runtime.tensor(lowered.params[n]) for n in lowered.param_names]
     out = vm["main"](*args)[0].numpy()
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_qdq_kxk_convs_run_int8_kernels_through_im2col(monkeypatch):
+    """3x3 convs with stride 2, asymmetric padding and dilation (K = 5 * 9 = 45: padded to
+    whole quads) through im2col into the int8 kernel; the halo reads the activation zero point.
+    Against the QDQ graph's semantics (onnxruntime, graph optimizations off)."""
+    import onnxruntime as ort
+    from onnx import helper
+    from tvm import relax
+
+    import ir
+    import passes
+    from backends.tvm.build import build_module
+    from backends.tvm.lower import LoweringContext, lower_model
+    from backends.tvm.targets import parse_target
+
+    from .conftest import make_model
+
+    if not _host_has_avx2():
+        pytest.skip("host has no AVX2")
+    monkeypatch.setattr(LoweringContext, "target", parse_target("host"), raising=False)
+    rng = np.random.default_rng(4)
+    f32 = np.float32
+    w2 = rng.standard_normal((8, 12, 3, 3)).astype(f32)
+    w2[np.repeat(rng.random((2, 12 * 9)) < 0.8, 4, 0).reshape(8, 12, 3, 3)] = 0  # 4x1 blocks
+    proto = make_model(
+        [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], strides=[2, 2], pads=[1, 0, 2, 1]),
+         helper.make_node("Relu", ["c1"], ["r1"]),
+         helper.make_node("Conv", ["r1", "w2"], ["y"], pads=[2, 2, 2, 2], dilations=[2, 2])],
+        [("x", f32, [1, 5, 11, 9])], [("y", f32, None)],
+        {"w1": rng.standard_normal((12, 5, 3, 3)).astype(f32),
+         "b1": rng.standard_normal(12).astype(f32), "w2": w2})
+    calib = {"x": rng.standard_normal((8, 1, 5, 11, 9)).astype(f32)}
+    model = ir.load_model(proto)
+    passes.compress(model, "quantize", calibration=calib)
+    feeds = {"x": calib["x"][0]}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(ir.to_onnx(model).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    ref = session.run(None, feeds)[0]
+    lowered = lower_model(model)
+    kernels = [v["kernel"] for v in lowered.weight_meta.values() if "kernel" in v]
+    assert len(kernels) == 2 and all(k["method"] == "madd" and k["im2col"] for k in kernels)
+    executable, _ = build_module(lowered, parse_target("host"))
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    args = [tvm.runtime.tensor(feeds["x"])]
+    args += [tvm.runtime.tensor(lowered.params[n]) for n in lowered.param_names]
+    out = vm["main"](*args)[0].numpy()
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

@@ -73,6 +73,14 @@ CASES = [
                             helper.make_node("Erf", ["l"], ["e"]),
                             helper.make_node("Mul", ["e", "l"], ["y"])],
      [("a", F, [1, 5, 16])], [("y", F, None)], {"g": _rand(16), "b": _rand(16)}, 17),
+    # Our float32 softmax kernel: rows of 20 (partial sums over 4 lanes), opset 13 on a
+    # non-last axis (Relax's softmax) and GELU as one op (the fast erf polynomial).
+    ("softmax_row_of_20", [helper.make_node("Softmax", ["a"], ["y"], axis=-1)],
+     [("a", F, [2, 3, 20])], [("y", F, None)], {}, 17),
+    ("softmax_opset13_axis1", [helper.make_node("Softmax", ["x"], ["y"], axis=1)],
+     [X4], [("y", F, None)], {}, 13),
+    ("gelu_op", [helper.make_node("Gelu", ["a"], ["y"])],
+     [("a", F, [2, 48])], [("y", F, None)], {}, 20),
     ("reduce_pow_sqrt_div", [helper.make_node("Pow", ["a", "two"], ["p"]),
                              helper.make_node("ReduceSum", ["p", "ax"], ["s"], keepdims=1),
                              helper.make_node("Sqrt", ["s"], ["n"]),
@@ -104,6 +112,28 @@ def test_op_matches_onnxruntime(case):
     assert len(actual) == len(expected)
     for got, want in zip(actual, expected):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_gelu_then_quantize_matches_onnxruntime():
+    """GELU (Div, Erf, Add, Mul) then QuantizeLinear, MiniLM's int8 FFN-up epilogue:
+    round-half-even reads its input 4 times, so the schedule keeps the GELU a separate block
+    instead of recomputing it; the values must match onnxruntime's to one quantization step
+    (our erf polynomial differs from MLAS's by < 1e-6, which can move a value across a
+    rounding boundary)."""
+    scale = 0.02
+    nodes = [helper.make_node("Div", ["a", "sqrt2"], ["d"]),
+             helper.make_node("Erf", ["d"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["p"]),
+             helper.make_node("Mul", ["a", "p"], ["m"]),
+             helper.make_node("QuantizeLinear", ["m", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    inits = {"sqrt2": np.array(1.4142135, F), "one": np.array(1.0, F),
+             "s": np.array(scale, F), "z": np.array(3, np.int8)}
+    proto = make_model(nodes, [("a", F, [4, 64])], [("y", F, None)], inits, 17)
+    feeds = {"a": np.random.default_rng(1).standard_normal((4, 64)).astype(F)}
+    got, want = tvm_run(proto, feeds)[0], ort_run(proto, feeds)[0]
+    np.testing.assert_allclose(got, want, atol=scale * 1.01)
+    assert np.mean(np.abs(got - want) > 1e-6) < 0.02
 
 
 def test_embedding_gather_cast_where():
@@ -165,3 +195,19 @@ def test_unsupported_op_error_names_it():
     prepare(model)
     with pytest.raises(UnsupportedModelError, match="Hardmax"):
         lower_model(model)
+
+
+@pytest.mark.parametrize("target,cpu_kernel", [("host", True), ("cuda", False)])
+def test_softmax_uses_row_kernel_only_for_cpu(target, cpu_kernel):
+    """The pre-scheduled softmax has parallel loops and no thread bindings: GPU targets keep
+    Relax's softmax (dlight schedules it)."""
+    from backends.tvm.lower import lower_model
+    from backends.tvm.targets import parse_target
+    from passes.api import prepare
+    proto = make_model([helper.make_node("Softmax", ["a"], ["y"], axis=-1)],
+                       [("a", F, [2, 16])], [("y", F, [2, 16])], {}, 17)
+    model = load_model(proto)
+    prepare(model)
+    lowered = lower_model(model, target=parse_target(target))
+    names = [gv.name_hint for gv in lowered.mod.functions]
+    assert any(n.startswith("softmax_rows") for n in names) == cpu_kernel
