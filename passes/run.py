@@ -2,7 +2,8 @@
 
     python -m passes.run [MODEL.onnx] [-o OUT.onnx] [--passes SPEC] [--input-shape NAME=D,D,..]
                          [--calib DATA.npz] [--report REPORT.json] [--target TARGET]
-                         [--out-dir DIR] [--tune-trials N] [--rpc HOST:PORT:KEY]
+                         [--out-dir DIR] [--tune-trials N] [--tune-kernels]
+                         [--rpc HOST:PORT:KEY]
 
 Without MODEL it runs on the digits model shipped in `models/digits`, with its calibration split
 unless --calib is given (the output then goes to the current directory). Every error caused by the input or the options is one line on stderr and exit
@@ -49,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                         "cuda[:arch=sm_XX] or a TVM target JSON")
     parser.add_argument("--out-dir", help="artifact directory for --target")
     parser.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials")
+    parser.add_argument("--tune-kernels", action="store_true",
+                        help="with --tune-trials: emit the sparse kernels as tunable TIR too")
     parser.add_argument("--rpc", help="measure tuning on a remote device: HOST:PORT:KEY")
     parser.add_argument("--list-passes", action="store_true", help="list passes and exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
@@ -130,7 +133,8 @@ def run(argv: list[str] | None = None) -> int:
             out_path.stem + f".{args.target.split(':')[0]}")
         artifact = compile_artifact(model, target=args.target, out_dir=out_dir,
                                     pipeline=report.pipeline, tune_trials=args.tune_trials,
-                                    rpc=args.rpc, progress=stderr_progress)
+                                    rpc=args.rpc, progress=stderr_progress,
+                                    tune_kernels=args.tune_kernels)
     save_model(proto, out_path)
     print(format_report(report, str(model_path)))
     print(f"\nwrote {out_path}")

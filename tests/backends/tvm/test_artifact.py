@@ -103,6 +103,11 @@ def test_host_artifact_matches_onnxruntime(tmp_path):
     assert result.stdout.strip().splitlines()[-1].startswith("median_ms=")
     expected = ort_run(proto, {spec["name"]: x})[0]
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-4, atol=1e-5)
+    # Small weights (biases) are compiled into the library; only large ones are shipped.
+    from backends.tvm.build import SMALL_PARAM_ELEMENTS
+    stored = np.load(out_dir / "params.npz")
+    assert stored.files and all(stored[k].size > SMALL_PARAM_ELEMENTS for k in stored.files)
+    assert len(on_disk["params"]) == len(stored.files)
 
 
 def test_runner_imports_only_tvm_numpy_stdlib():
