@@ -1,12 +1,13 @@
 """Run a TVM artifact directory (made by `compile_artifact`) on the device.
 
-    python -m backends.tvm.run DIR --input x.npy [--output y.npy] [--bench N]
-    python DIR/run.py DIR --input name=x.npy --input other=z.npy ...
+    python -m backends.tvm.run DIR --input x.npy [--output y.npy] [--bench N] [--threads T]
+    python DIR/run.py DIR --input name=x.npy --input other=z.npy --output name=y.npy ...
 
 Needs only `pip install apache-tvm numpy` (this file imports nothing else from the project, so
 it is also copied into every artifact). One --input per graph input (`name=path` when there are
-several). --output saves the first output as .npy. --bench N times N runs after a warm-up run
-and prints a last line `median_ms=<float>`.
+several). --output y.npy saves the first output as .npy, --output name=y.npy (repeatable) the
+output of that name. --bench N times N runs after a warm-up run and prints a last line
+`median_ms=<float>`. --threads T sets TVM's thread pool size (as TVM_NUM_THREADS=T would).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["load_artifact", "Artifact", "main"]
+__all__ = ["load_artifact", "Artifact", "set_threads", "main"]
 
 
 class Artifact:
@@ -106,15 +107,45 @@ def _read_inputs(artifact: Artifact, specs: list[str]) -> list[np.ndarray]:
     return positional
 
 
+def _write_outputs(artifact: Artifact, outputs: list[np.ndarray], specs: list[str]) -> None:
+    names = [o["name"] for o in artifact.manifest["outputs"]]
+    for spec in specs:
+        name, eq, path = spec.partition("=")
+        if eq and name in names:
+            np.save(path, outputs[names.index(name)])
+        else:
+            np.save(spec, outputs[0])
+            path = spec
+        print(f"wrote {path}")
+
+
+def set_threads(count: int) -> None:
+    """Size TVM's CPU thread pool; call it before the first run in the process. TVM creates
+    the pool's workers when it first starts, as many as TVM_NUM_THREADS says (default: half the
+    logical cores on x86); later the count can only be lowered. So set the variable (for a pool
+    not yet started) and configure the pool (for one that runs)."""
+    import os
+
+    import tvm
+    os.environ["TVM_NUM_THREADS"] = str(count)
+    tvm.get_global_func("runtime.config_threadpool")(1, count)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backends.tvm.run",
                                      description="Run a TVM artifact directory.")
     parser.add_argument("artifact", help="artifact directory (manifest.json, model.so, ...)")
     parser.add_argument("--input", action="append", default=[], metavar="[NAME=]X.npy")
-    parser.add_argument("--output", help="save the first output here (.npy)")
+    parser.add_argument("--output", action="append", default=[], metavar="[NAME=]Y.npy",
+                        help="save the first output (or the output NAME) here")
     parser.add_argument("--bench", type=int, default=0, metavar="N",
                         help="time N runs after a warm-up; last line median_ms=<float>")
+    parser.add_argument("--threads", type=int, default=0, metavar="T",
+                        help="CPU threads for TVM's thread pool (default: TVM_NUM_THREADS, else "
+                             "TVM's default: half the logical cores on x86)")
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        set_threads(args.threads)
     artifact = load_artifact(args.artifact)
     try:
         arrays = _read_inputs(artifact, args.input)
@@ -125,9 +156,7 @@ def main(argv=None) -> int:
     for spec, out in zip(artifact.manifest["outputs"], outputs):
         print(f"{spec['name']}: shape {list(out.shape)} {out.dtype}, "
               f"mean {float(np.mean(out)):.6g}")
-    if args.output:
-        np.save(args.output, outputs[0])
-        print(f"wrote {args.output}")
+    _write_outputs(artifact, outputs, args.output)
     if args.bench > 0:
         times = artifact.bench(arrays, args.bench)
         print(f"runs={len(times)} min_ms={min(times):.4f}")

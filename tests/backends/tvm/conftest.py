@@ -51,3 +51,21 @@ def tvm_run(proto: onnx.ModelProto, feeds: dict, spec: str = "cleanup") -> list[
     args += [tvm.runtime.tensor(lowered.params[n]) for n in lowered.param_names]
     result = vm["main"](*args)
     return [r.numpy() for r in result]
+
+
+def qemu_root_or_skip():
+    """The aarch64 Python root for qemu-user runs: QEMU_TVM_ROOT if set, else built (once,
+    cached) by backends.tvm.qemu_root, which needs the package registries the first time; skips
+    when qemu-user or the cross compiler is missing."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from backends.tvm import qemu_root
+    if shutil.which("qemu-aarch64") is None or shutil.which("aarch64-linux-gnu-gcc") is None:
+        pytest.skip("apt-get install -y qemu-user gcc-aarch64-linux-gnu")
+    root = os.environ.get("QEMU_TVM_ROOT")
+    try:
+        return Path(root) if root else qemu_root.ensure_root(log=lambda m: None)
+    except qemu_root.QemuRootError as exc:
+        pytest.skip(f"cannot prepare the aarch64 root: {exc}")

@@ -4,7 +4,6 @@ qemu-user (see backends/tvm/README.md for the qemu setup; QEMU_TVM_ROOT points a
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import ir
 from passes.api import compress
 
-from .conftest import ort_run
+from .conftest import ort_run, qemu_root_or_skip
 
 pytestmark = pytest.mark.slow
 
@@ -63,19 +62,6 @@ def test_tuned_small_model_matches(tmp_path):
     _compare(path, tmp_path, trials=8)
 
 
-def _qemu_root():
-    """The aarch64 Python root: QEMU_TVM_ROOT if set, else built (once, cached) by
-    backends.tvm.qemu_root, which needs the network the first time."""
-    from backends.tvm import qemu_root
-    if shutil.which("qemu-aarch64") is None or shutil.which("aarch64-linux-gnu-gcc") is None:
-        pytest.skip("apt-get install -y qemu-user gcc-aarch64-linux-gnu")
-    root = os.environ.get("QEMU_TVM_ROOT")
-    try:
-        return Path(root) if root else qemu_root.ensure_root(log=lambda m: None)
-    except qemu_root.QemuRootError as exc:
-        pytest.skip(f"cannot prepare the aarch64 root: {exc}")
-
-
 def _digits_path():
     from models.digits import MODEL_PATH
     return MODEL_PATH
@@ -94,7 +80,7 @@ def test_rasp4b_artifact_under_qemu(model_path, tmp_path):
     import sys
     from backends.tvm import qemu_root
     from backends.tvm.run import load_artifact
-    root = _qemu_root()
+    root = qemu_root_or_skip()
     repo = Path(__file__).resolve().parents[3]
     path = model_path()
     for target in ("host", "rasp4b"):
