@@ -135,13 +135,8 @@ def test_qdq_graph_runs_int8_kernels_through_the_lowering(monkeypatch):
     """quantize pass -> our lowering: MatMul, Gemm and a 1x1 Conv take the int8 kernel and match
     the QDQ graph's own semantics (onnxruntime with graph optimizations off: its fused QDQ
     kernels requantize differently)."""
-    import onnxruntime as ort
     from onnx import helper
-    from tvm import relax
 
-    import ir
-    import passes
-    from backends.tvm.build import build_module
     from backends.tvm.lower import LoweringContext, lower_model
     from backends.tvm.targets import parse_target
 
@@ -164,14 +159,7 @@ def test_qdq_graph_runs_int8_kernels_through_the_lowering(monkeypatch):
          "s": np.array([6, 40]), "w": rng.standard_normal((40, 64)).astype(f32),
          "w2": rng.standard_normal((24, 64)).astype(f32), "c": rng.standard_normal(24).astype(f32)})
     calib = {"x": rng.standard_normal((8, 1, 8, 2, 3)).astype(f32)}
-    model = ir.load_model(proto)
-    passes.compress(model, "quantize", calibration=calib)
-    feeds = {"x": calib["x"][0]}
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(ir.to_onnx(model).SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    ref = session.run(None, feeds)[0]
+    model, feeds, ref = _quantized_with_reference(proto, calib)
     lowered = lower_model(model)
     kernels = {v["kernel"]["node"]: v["kernel"] for v in lowered.weight_meta.values()
                if "kernel" in v}
@@ -179,11 +167,7 @@ def test_qdq_graph_runs_int8_kernels_through_the_lowering(monkeypatch):
     if method is None:
         pytest.skip("host has no AVX2")
     assert {k["method"] for k in kernels.values()} == {method} and len(kernels) == 3
-    executable, _ = build_module(lowered, parse_target("host"))
-    vm = relax.VirtualMachine(executable, tvm.cpu())
-    args = [tvm.runtime.tensor(feeds["x"])]
-    args += [tvm.runtime.tensor(lowered.params[n]) for n in lowered.param_names]
-    out = vm["main"](*args)[0].numpy()
+    out = _run_lowered(lowered, feeds)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
@@ -191,13 +175,8 @@ def test_qdq_kxk_convs_run_int8_kernels_through_im2col(monkeypatch):
     """3x3 convs with stride 2, asymmetric padding and dilation (K = 5 * 9 = 45: padded to
     whole quads) through im2col into the int8 kernel; the halo reads the activation zero point.
     Against the QDQ graph's semantics (onnxruntime, graph optimizations off)."""
-    import onnxruntime as ort
     from onnx import helper
-    from tvm import relax
 
-    import ir
-    import passes
-    from backends.tvm.build import build_module
     from backends.tvm.lower import LoweringContext, lower_model
     from backends.tvm.targets import parse_target
 
@@ -218,6 +197,22 @@ def test_qdq_kxk_convs_run_int8_kernels_through_im2col(monkeypatch):
         {"w1": rng.standard_normal((12, 5, 3, 3)).astype(f32),
          "b1": rng.standard_normal(12).astype(f32), "w2": w2})
     calib = {"x": rng.standard_normal((8, 1, 5, 11, 9)).astype(f32)}
+    model, feeds, ref = _quantized_with_reference(proto, calib)
+    lowered = lower_model(model)
+    kernels = [v["kernel"] for v in lowered.weight_meta.values() if "kernel" in v]
+    assert len(kernels) == 2 and all(k["method"] == "madd" and k["im2col"] for k in kernels)
+    out = _run_lowered(lowered, feeds)
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def _quantized_with_reference(proto, calib: dict):
+    """Quantize `proto` with our pass; the QDQ graph's own output on the first calibration
+    sample (onnxruntime with graph optimizations off, so it does not fuse QDQ groups)."""
+    import onnxruntime as ort
+
+    import ir
+    import passes
     model = ir.load_model(proto)
     passes.compress(model, "quantize", calibration=calib)
     feeds = {"x": calib["x"][0]}
@@ -225,14 +220,17 @@ def test_qdq_kxk_convs_run_int8_kernels_through_im2col(monkeypatch):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(ir.to_onnx(model).SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
-    ref = session.run(None, feeds)[0]
-    lowered = lower_model(model)
-    kernels = [v["kernel"] for v in lowered.weight_meta.values() if "kernel" in v]
-    assert len(kernels) == 2 and all(k["method"] == "madd" and k["im2col"] for k in kernels)
+    return model, feeds, session.run(None, feeds)[0]
+
+
+def _run_lowered(lowered, feeds: dict) -> np.ndarray:
+    """Build a lowered module for the host and run it on `feeds["x"]`."""
+    from tvm import relax
+
+    from backends.tvm.build import build_module
+    from backends.tvm.targets import parse_target
     executable, _ = build_module(lowered, parse_target("host"))
     vm = relax.VirtualMachine(executable, tvm.cpu())
     args = [tvm.runtime.tensor(feeds["x"])]
     args += [tvm.runtime.tensor(lowered.params[n]) for n in lowered.param_names]
-    out = vm["main"](*args)[0].numpy()
-    assert out.shape == ref.shape
-    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    return vm["main"](*args)[0].numpy()
