@@ -83,6 +83,18 @@ def _ort_matmul(w, x, threads):
     return run, ref
 
 
+
+def _interleaved_rounds(timers: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds per run of each timer, `rounds` samples each, measured in interleaved rounds (one
+    sample of every timer per round) so load changes hit all kernels alike; each timer's repeat
+    count is calibrated first so one sample takes ~5 ms."""
+    numbers = {key: max(1, int(0.005 / max(run(1), 1e-6))) for key, run in timers.items()}
+    samples = {key: [] for key in timers}
+    for _ in range(rounds):
+        for key, run in timers.items():
+            samples[key].append(run(numbers[key]))
+    return samples
+
 def _tvm_timer(func, args, target):
     import tvm
     lib = tvm.compile(tvm.IRModule({"main": func}), tvm.target.Target(target))
@@ -115,12 +127,7 @@ def bench_shape(name, n, k, p, block, rounds, threads, target, rng):
         np.testing.assert_allclose(out[0], w @ x[0], rtol=1e-3, atol=1e-3)
         timers[f"bsr {sparsity}"] = run
         densities[sparsity] = bsr.block_density
-    # calibrate `number` so one measurement takes ~20 ms, then interleave rounds
-    numbers = {key: max(1, int(0.005 / max(run(1), 1e-6))) for key, run in timers.items()}
-    samples = {key: [] for key in timers}
-    for _ in range(rounds):
-        for key, run in timers.items():
-            samples[key].append(run(numbers[key]))
+    samples = _interleaved_rounds(timers, rounds)
     # The build machine is shared (load average often 4x its cores): the minimum over rounds is
     # the least-disturbed run and is what the ratios use; medians are reported beside it.
     best = {key: float(np.min(v)) * 1e3 for key, v in samples.items()}
@@ -172,11 +179,7 @@ def bench_int8(name, n, k, p, rounds, target, rng):
                 func, [pack_activations(x, method), data, bsr.data, bsr.indices, bsr.indptr,
                        q.bias_q, q.mult, np.array([q.zy], np.int32),
                        np.zeros((1, n, p), np.int8)], target)[0]
-        numbers = {key: max(1, int(0.005 / max(run(1), 1e-6))) for key, run in timers.items()}
-        samples = {key: [] for key in timers}
-        for _ in range(rounds):
-            for key, run in timers.items():
-                samples[key].append(run(numbers[key]))
+        samples = _interleaved_rounds(timers, rounds)
         for key, values in samples.items():
             rows.append({"shape": name, "sparsity": sparsity, "kernel": key,
                          "ms": float(np.min(values)) * 1e3,
@@ -255,11 +258,7 @@ def bench_conv(name, c_in, c_out, size, stride, rounds, rng, block=(4, 1)):
             timers[f"{label} {sparsity}"] = run
         from backends.tvm.kernels import to_bsr
         densities[sparsity] = to_bsr(w.reshape(c_out, -1), block).block_density
-    numbers = {key: max(1, int(0.005 / max(run(1), 1e-6))) for key, run in timers.items()}
-    samples = {key: [] for key in timers}
-    for _ in range(rounds):
-        for key, run in timers.items():
-            samples[key].append(run(numbers[key]))
+    samples = _interleaved_rounds(timers, rounds)
     best = {key: float(np.min(v)) * 1e3 for key, v in samples.items()}
     for sparsity in CONV_SPARSITIES:
         rows.append({"shape": name, "sparsity": sparsity, "block_density": densities[sparsity],
@@ -317,11 +316,7 @@ def bench_conv_int8(name, c_in, c_out, size, stride, rounds, rng):
             timers[f"{label} {sparsity}"] = run
         scale = np.abs(outputs["float QDQ"]).max()
         np.testing.assert_allclose(outputs["int8"], outputs["float QDQ"], atol=2e-2 * scale)
-    numbers = {key: max(1, int(0.005 / max(run(1), 1e-6))) for key, run in timers.items()}
-    samples = {key: [] for key in timers}
-    for _ in range(rounds):
-        for key, run in timers.items():
-            samples[key].append(run(numbers[key]))
+    samples = _interleaved_rounds(timers, rounds)
     best = {key: float(np.min(v)) * 1e3 for key, v in samples.items()}
     return [{"shape": name, "sparsity": sp, "ms_float_qdq": best[f"float QDQ {sp}"],
              "ms_int8": best[f"int8 {sp}"], "int8_kernel": records.get(f"int8 {sp}", {}),
@@ -408,11 +403,7 @@ def _main_tuned(args, shapes, target, rng) -> int:
         return 1
     timers[f"ELL MetaSchedule ({args.trials} trials)"] = _module_timer(tuned, ell_args,
                                                                       tvm_target, w @ x[0])
-    numbers = {key: max(1, int(0.005 / max(run(1), 1e-6))) for key, run in timers.items()}
-    samples = {key: [] for key in timers}
-    for _ in range(args.rounds):
-        for key, run in timers.items():
-            samples[key].append(run(numbers[key]))
+    samples = _interleaved_rounds(timers, args.rounds)
     best = {key: float(np.min(v)) * 1e3 for key, v in samples.items()}
     print(f"{name}, 4x1 blocks at {sparsity:.0%} (block density {bsr.block_density:.3f}, ELL "
           f"slots {ell.slots}, padding +{ell.padding:.0%}), threads {args.threads}, best of "
