@@ -29,7 +29,7 @@ import re
 import tvm
 from tvm import tirx
 
-__all__ = ["default_schedule_pass", "ParallelVectorize"]
+__all__ = ["default_schedule_pass", "cpu_default_rule", "ParallelVectorize"]
 
 
 def _dlight():
@@ -43,7 +43,13 @@ def default_schedule_pass(target):
     if target.kind.name in ("cuda", "rocm", "vulkan", "opencl", "metal"):
         return dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                        dl.gpu.GeneralReduction(), dl.gpu.Fallback())
-    return dl.ApplyDefaultSchedule(ParallelVectorize(_vector_lanes(target)))
+    return dl.ApplyDefaultSchedule(cpu_default_rule(target))
+
+
+def cpu_default_rule(target) -> "ParallelVectorize":
+    """Our CPU schedule rule with the vector width of `target` (also what tuning measures as
+    each task's default schedule)."""
+    return ParallelVectorize(_vector_lanes(target))
 
 
 def _vector_lanes(target) -> int:

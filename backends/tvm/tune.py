@@ -115,9 +115,9 @@ def _record_default_schedules(chosen, target, device: str, builder, runner,
     task the default rule leaves alone gets none)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from .schedule import ParallelVectorize, _vector_lanes
+    from .schedule import cpu_default_rule
 
-    rule = ParallelVectorize(_vector_lanes(target))
+    rule = cpu_default_rule(target)
     scheduled = []
     for task, plan in chosen:
         module = task.dispatched[0]
