@@ -323,14 +323,10 @@ def lower_softmax(ctx, node, log=False):
 
 
 def _targets_cpu(ctx) -> bool:
-    """Whether the code is for an LLVM CPU target (None: the host); our pre-scheduled CPU
-    kernels (parallel loops, no thread bindings) do not compile for GPUs."""
-    target = ctx.target
-    if target is None:
-        return True
-    target = getattr(target, "config", target)  # a TargetSpec holds its target dict
-    kind = target.get("kind") if isinstance(target, dict) else getattr(target, "kind", None)
-    return str(getattr(kind, "name", kind)) == "llvm"
+    """Whether the code is for a CPU (None: the host); our pre-scheduled CPU kernels (parallel
+    loops, no thread bindings) do not compile for GPUs."""
+    from .kernels import target_family, target_of
+    return target_family(target_of(ctx)) != "cuda"
 
 
 def _softmax_rows(ctx, x, shape, axis):

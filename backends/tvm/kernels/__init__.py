@@ -38,13 +38,13 @@ from .ell import to_ell
 from .im2col import ConvGeometry, conv_geometry
 from .qdq import emit_int8
 
-__all__ = ["dispatch", "choose_kernel", "kernel_choice", "emit_sparse_matmul",
+__all__ = ["dispatch", "target_of", "choose_kernel", "kernel_choice", "emit_sparse_matmul",
            "emit_sparse_conv1x1", "emit_sparse_conv", "storage_format", "target_family",
            "BREAK_EVEN_DENSITY",
            "KernelChoice", "BSR", "to_bsr", "bsr_matmul_kn", "dense_matmul_kn", "cpu_schedule"]
 
 
-def _target_of(ctx):
+def target_of(ctx):
     """The lowering target as a dict or tvm Target; None when the context has none (then the
     float BSR kernel, plain portable TIR, is still used and scheduled for x86 AVX2, while the
     int8 kernels, which call target-specific intrinsics, are not)."""
@@ -101,7 +101,7 @@ def dispatch(ctx, node):
     if str(np.dtype(node.output.dtype)) != "float32":
         return None
     name = "".join(ch if ch.isalnum() else "_" for ch in (node.name or node.op_type))
-    target = _target_of(ctx)
+    target = target_of(ctx)
     if "quant" in meta and target is not None and target_family(target) != "cuda":
         emitted = emit_int8(ctx, node, meta, target, name)
         if emitted is not None:
