@@ -7,13 +7,13 @@ from .errors import (CompressError, GraphError, ModelLoadError, ShapeError,
                      UnsupportedModelError)
 from .graph import Graph, Model, Node, Value, is_static_shape
 from .nx_view import to_networkx
-from .onnx_io import from_onnx, load_model, model_bytes, save_model, to_onnx
+from .onnx_io import copy_model, from_onnx, load_model, model_bytes, save_model, to_onnx
 from .shape_inference import (dynamic_inputs, infer_shapes, parse_shape_spec,
                               require_static_inputs, set_input_shapes)
 
 __all__ = [
     "Graph", "Model", "Node", "Value", "is_static_shape",
-    "load_model", "from_onnx", "to_onnx", "save_model", "model_bytes",
+    "load_model", "from_onnx", "to_onnx", "copy_model", "save_model", "model_bytes",
     "infer_shapes", "set_input_shapes", "require_static_inputs", "dynamic_inputs",
     "parse_shape_spec",
     "graph_cost", "node_macs", "GraphCost", "NodeCost",

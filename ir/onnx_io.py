@@ -22,7 +22,7 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 from .errors import GraphError, ModelLoadError
 from .graph import Graph, Model, Node, Value
 
-__all__ = ["load_model", "from_onnx", "to_onnx", "save_model", "model_bytes",
+__all__ = ["load_model", "from_onnx", "to_onnx", "copy_model", "save_model", "model_bytes",
            "onnx_dtype", "numpy_dtype"]
 
 
@@ -63,6 +63,12 @@ def load_model(source) -> Model:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"{path}: cannot read external weights: {reason}") from None
     return from_onnx(proto)
+
+
+def copy_model(model: Model) -> Model:
+    """An independent copy of `model` (through its ONNX form, so nothing is shared): for trial
+    edits and for keeping the original beside a model a pass changes."""
+    return from_onnx(to_onnx(model))
 
 
 def _parse_model(data: bytes, label: str) -> onnx.ModelProto:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ir import Model, graph_cost, infer_shapes
+from ir import Model, copy_model, graph_cost, infer_shapes
 
 from ..calibration import capture, token_mask_input
 from ..core import Option, Pass, PassContext, PassResult, register_pass
@@ -204,7 +204,7 @@ class PruneChannels(Pass):
         prunable = [g for g in groups if g.prunable]
         frozen = [g for g in groups if not g.prunable and g.sources]
         scores = channel_importance(model, prunable, self.criterion, ctx, self.samples)
-        reference = self._reference(model) if self.reconstruct else None
+        reference = copy_model(model) if self.reconstruct else None
         macs_before = graph_cost(model.graph).macs
         self._weights = None
         if self.schedule == "sensitivity" and prunable:
@@ -275,19 +275,14 @@ class PruneChannels(Pass):
     def _head_ratio(self) -> float | None:
         return self.head_ratio if self.head_ratio >= 0 else None
 
-    def _reference(self, model: Model) -> Model:
-        from ir import from_onnx, to_onnx
-        return from_onnx(to_onnx(model))
-
     def _ratio_for_target(self, model, prunable, scores, macs_before) -> float:
         """Bisection on the ratio until the pruned model keeps <= target_macs of the MACs."""
         if not self.target_macs or not prunable:
             return self.ratio
-        from ir import from_onnx, to_onnx
         low, high = 0.0, 0.95
         for _ in range(12):
             middle = (low + high) / 2
-            trial = from_onnx(to_onnx(model))
+            trial = copy_model(model)
             infer_shapes(trial)
             trial_groups = analyze_groups(trial.graph)
             trial_prunable = {g.index: g for g in trial_groups if g.prunable}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ir import Graph, Model, Node, Value, from_onnx, to_onnx
+from ir import Graph, Model, Node, Value, copy_model, to_onnx
 
 from ..calibration import capture, make_session
 from ..core import Option, OptionError, Pass, PassContext, PassResult, register_pass
@@ -150,7 +150,7 @@ def _output_scores(model: Model, blocks: list[Block], ctx: PassContext, samples:
     reference = np.concatenate(_outputs(model, feeds)).astype(np.float64)
     scores = []
     for index in ctx.progress(range(len(blocks)), total=len(blocks), desc="prune-layers: scan"):
-        trial = from_onnx(to_onnx(model))  # find_blocks is deterministic: same order
+        trial = copy_model(model)  # find_blocks is deterministic: same order
         remove_block(trial.graph, find_blocks(trial.graph, (blocks[index].kind,))[index])
         moved = np.concatenate(_outputs(trial, feeds)).astype(np.float64)
         scores.append(float(np.linalg.norm(moved - reference) / (np.linalg.norm(reference) + 1e-12)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ir import Model, from_onnx, infer_shapes, to_onnx
+from ir import Model, copy_model, infer_shapes, to_onnx
 
 from ..calibration import make_session
 from ..core import PassContext
@@ -32,7 +32,7 @@ def sensitivity_weights(model: Model, prunable: list[ChannelGroup], scores: dict
     reference = _run(model, feeds).astype(np.float64)
     sensitivity = {}
     for group in ctx.progress(prunable, total=len(prunable), desc="prune-channels: sensitivity"):
-        trial = from_onnx(to_onnx(model))
+        trial = copy_model(model)
         infer_shapes(trial)
         trial_groups = analyze_groups(trial.graph)  # deterministic: same indices as `prunable`
         keep = max(1, int(round(group.size * (1 - probe_ratio))))

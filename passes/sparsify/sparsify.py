@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ir import Model, load_model, to_onnx
+from ir import Model, copy_model
 
 from ..calibration import token_mask_input
 from ..core import OptionError, Option, Pass, PassContext, PassResult, register_pass
@@ -100,7 +100,7 @@ class Sparsify(Pass):
         sequential = needs_data and (self.sequential or self.error_correction)
         # Paired statistics (inputs of this model and of the original on the same tokens) when a
         # correction aims at the original outputs while the inputs already changed.
-        reference = load_model(to_onnx(model)) \
+        reference = copy_model(model) \
             if sequential and (self.error_correction or self.bias_correction) else None
         stats = self._statistics(model, ctx, targets, full=self.schedule == "sensitivity") \
             if (self.schedule != "uniform" or not sequential) else [None] * len(targets)

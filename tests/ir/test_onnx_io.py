@@ -307,3 +307,12 @@ def test_unnamed_nodes_get_names_that_no_value_uses():
     names = [n.name for n in model.graph.nodes]
     assert all(names) and len(set(names)) == 2 and "Relu" not in names
     assert [v.name for v in model.graph.outputs] == ["Relu"]
+
+
+def test_copy_model_is_independent_and_equal():
+    model = ir.load_model(conv_bn_relu_gemm())
+    copy = ir.copy_model(model)
+    assert ir.to_onnx(copy).SerializeToString() == ir.to_onnx(model).SerializeToString()
+    weight = next(v for v in copy.graph.initializers.values() if v.const.ndim == 4)
+    weight.const = np.zeros_like(weight.const)
+    assert np.abs(model.graph.initializers[weight.name].const).sum() > 0
