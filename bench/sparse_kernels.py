@@ -151,9 +151,11 @@ def bench_shape(name, n, k, p, block, rounds, threads, target, rng):
 
 def bench_int8(name, n, k, p, rounds, target, rng):
     """int8 kernel (vpmaddwd "madd" and plain "int32" inner products) vs our float32 kernels on
-    the same 4x4-block weight, dense and at 90% block sparsity."""
+    the same 4x4-block weight, dense and at 90% block sparsity; on a VNNI target also the dense
+    row-layout VNNI kernel (float32 out, the store the lowering uses)."""
     from backends.tvm.kernels import bsr_matmul_kn, cpu_schedule, dense_matmul_kn, to_bsr
     from backends.tvm.kernels.int8 import bsr_int8_kn, pack_activations, quantize_params
+    from backends.tvm.kernels.vnni import has_vnni, int8_matmul_vnni, pack_weight_vnni
     schedule = cpu_schedule(target)
     x = rng.integers(-128, 128, (1, k, p)).astype(np.int8)
     xf = x.astype(np.float32)
@@ -179,6 +181,13 @@ def bench_int8(name, n, k, p, rounds, target, rng):
                 func, [pack_activations(x, method), data, bsr.data, bsr.indices, bsr.indptr,
                        q.bias_q, q.mult, np.array([q.zy], np.int32),
                        np.zeros((1, n, p), np.int8)], target)[0]
+        if sparsity == 0.0 and has_vnni(target):
+            # the row-layout VNNI kernel: X [P, K] uint8, float32 out (dequantizing store)
+            timers["int8 vnni (dense)"] = _tvm_timer(
+                int8_matmul_vnni(p, k, n),
+                [(x[0].T.astype(np.int16) + 128).astype(np.uint8), pack_weight_vnni(w),
+                 q.bias_q, q.mult, np.zeros(n, np.float32), np.zeros((p, n), np.float32)],
+                target)[0]
         samples = _interleaved_rounds(timers, rounds)
         for key, values in samples.items():
             rows.append({"shape": name, "sparsity": sparsity, "kernel": key,

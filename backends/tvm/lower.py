@@ -667,7 +667,9 @@ def lower_quantize(ctx, node):
     inverse = (1.0 / _axis_broadcast(ctx, node, scale, rank)).astype(in_dtype)
     y = ctx.emit(_op().multiply(ctx.expr(x), _const_or_param(ctx, f"{node.name}_inv_scale",
                                                              inverse)))
-    y = ctx.emit(_round_half_even(y, in_dtype))
+    # LLVM lowers R.round to nearbyint, which rounds ties to even in the default FP mode (one
+    # instruction); other targets get the exact emulation (their round may tie away from zero).
+    y = ctx.emit(_op().round(y) if _targets_cpu(ctx) else _round_half_even(y, in_dtype))
     if zero is not None and np.any(ctx.const(zero)):
         zp = _axis_broadcast(ctx, node, zero, rank).astype(in_dtype)
         y = ctx.emit(_op().add(y, _const_or_param(ctx, f"{node.name}_zp", zp)))

@@ -17,8 +17,8 @@ Inner products, by `method`:
     "sdot"   ARM dot product (Cortex-A76 / +dotprod): X as int8 quads [b, K/4, P*4], one weight
              quad broadcast; 4 outputs x 4 k per instruction
 "madd" needs block columns C % 2 == 0, "sdot" C % 4 == 0 (each block covers whole pairs/quads),
-and K divisible by 2 / 4; `pack_activations` lays X out for them. AVX-512 VNNI (`vpdpbusd`) is
-not written: it needs uint8 activations and no machine here has it.
+and K divisible by 2 / 4; `pack_activations` lays X out for them. Dense MatMul/Gemm on an
+AVX-512 VNNI CPU use the row-layout `vpdpbusd` kernel in vnni.py instead (qdq.py decides).
 """
 
 from __future__ import annotations

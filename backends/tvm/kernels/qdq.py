@@ -16,6 +16,10 @@ inner product (C a multiple of 2 / 4), else they are re-blocked R x 2 / R x 4 (R
 block density decides as for float. A Conv (group 1, any kernel / stride / padding / dilation)
 runs on im2col of xq (`im2col.py`, the halo filled with the zero point), K padded with zero
 weight columns to whole quads.
+
+On an AVX-512 VNNI CPU a MatMul / Gemm (K a multiple of 4) whose weight is not sparse enough for
+the BSR kernel to beat it runs on the dense row-layout kernel of vnni.py instead: uint8 xq as it
+is ([M, K], no transposes; int8 activations are shifted up), Y [M, N] (method "vnni").
 """
 
 from __future__ import annotations
@@ -26,10 +30,15 @@ from .bsr import to_bsr
 from .choice import BREAK_EVEN_DENSITY, pattern_name, target_family
 from .im2col import ConvGeometry, conv_geometry, emit_im2col_packed
 from .int8 import bsr_int8_kn, dequantize_params, int8_method_for
+from .vnni import QUAD, has_vnni, int8_matmul_vnni, pack_weight_vnni
 
 __all__ = ["quantized_operands", "emit_int8"]
 
 GROUP = {"madd": 2, "sdot": 4}
+# The dense VNNI kernel ran MiniLM's FFN and attention shapes 2.0-2.4x faster than the dense
+# "madd" one (bench/sparse_kernels.py int8 rows), so a sparse "madd" BSR kernel only pays below
+# 1/2 of its usual break-even density when the target has VNNI.
+VNNI_SPEEDUP = 2.0
 
 
 def _const_scalar(ctx, value, default=0):
@@ -130,9 +139,13 @@ def emit_int8(ctx, node, meta: dict, target, name: str):
     block = _int8_block(meta, group)
     bsr = to_bsr(weight, block)
     family = target_family(target)
-    sparse = bsr.block_density < BREAK_EVEN_DENSITY[family]["vector"]
+    threshold = BREAK_EVEN_DENSITY[family]["vector"]
+    sparse = bsr.block_density < threshold
     op = relax.op
     x = ctx.expr(xq)
+    if not conv and k % QUAD == 0 and has_vnni(target) and \
+            bsr.block_density >= threshold / VNNI_SPEEDUP:
+        return _emit_vnni(ctx, node, meta, name, x, xq, sx, zx, weight, sw, bias, threshold)
     x_dtype = "int16" if method == "madd" else "int8"
     # uint8 activations (the pass's default) are shifted to int8: one signed kernel.
     offset = 128 if str(np.dtype(xq.dtype)) == "uint8" else 0
@@ -175,3 +188,35 @@ def emit_int8(ctx, node, meta: dict, target, name: str):
                         f"the store (every block kept counts: sparse below "
                         f"{BREAK_EVEN_DENSITY[family]['vector']} block density)"}
     return ctx.emit(y), record
+
+
+def _emit_vnni(ctx, node, meta, name, x, xq, sx, zx, weight, sw, bias, threshold):
+    """MatMul/Gemm on the row-layout AVX-512 VNNI kernel (vnni.py): X stays [M, K] uint8 (int8
+    activations are shifted up by 128, the zero point with them), Y comes out [M, N]."""
+    from tvm import relax
+
+    op = relax.op
+    n, k = weight.shape
+    shape = [int(d) for d in x.ty.shape]
+    m = int(np.prod(shape[:-1]))
+    if str(np.dtype(xq.dtype)) == "int8":
+        x = ctx.emit(op.astype(op.add(op.astype(x, "int16"), relax.const(128, "int16")),
+                               "uint8"))
+        zx += 128
+    x2 = ctx.emit(op.reshape(x, [m, k]))
+    gvar = ctx.bb.add_func(int8_matmul_vnni(m, k, n).without_attr("global_symbol"),
+                           f"int8_{name}")
+    b_q, mult = dequantize_params(weight, sx, zx, sw)
+    args = [x2, ctx.param(f"{name}_i8_vnni", pack_weight_vnni(weight)),
+            ctx.param(f"{name}_i8_zero_point_sums", b_q), ctx.param(f"{name}_i8_scale", mult),
+            ctx.param(f"{name}_i8_bias", np.zeros(n, np.float32) if bias is None
+                      else np.asarray(bias, np.float32))]
+    y2 = ctx.emit(relax.call_tir(gvar, args, out_ty=relax.TensorType([m, n], "float32")))
+    density = float(np.count_nonzero(weight)) / max(weight.size, 1)
+    record = {"kernel": "int8-dense", "method": "vnni", "format": "dense int8 (VNNI packed)",
+              "block": None, "block_density": 1.0, "weight_density": round(density, 4),
+              "node": node.name, "pattern": pattern_name(meta), "im2col": False,
+              "reason": f"QDQ {node.op_type}: uint8 x int8 -> int32 with AVX-512 VNNI "
+                        f"(vpdpbusd), row layout, dequantized in the store (a sparse int8 kernel "
+                        f"only pays below {threshold / VNNI_SPEEDUP:.3g} block density here)"}
+    return ctx.emit(op.reshape(y2, shape[:-1] + [n])), record

@@ -13,6 +13,7 @@ tvm = pytest.importorskip("tvm")
 from backends.tvm.kernels.bsr import to_bsr  # noqa: E402
 from backends.tvm.kernels.int8 import (bsr_int8_kn, int8_method_for,  # noqa: E402
                                        pack_activations, quantize_params, requantize_ref)
+from backends.tvm.kernels.vnni import has_vnni  # noqa: E402
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": "core-avx2"})
 
@@ -163,10 +164,14 @@ def test_qdq_graph_runs_int8_kernels_through_the_lowering(monkeypatch):
     lowered = lower_model(model)
     kernels = {v["kernel"]["node"]: v["kernel"] for v in lowered.weight_meta.values()
                if "kernel" in v}
-    method = "madd" if _host_has_avx2() else None
-    if method is None:
+    if not _host_has_avx2():
         pytest.skip("host has no AVX2")
-    assert {k["method"] for k in kernels.values()} == {method} and len(kernels) == 3
+    # MatMul / Gemm take the row-layout VNNI kernel where the host has it (test_kernels_vnni.py)
+    matmul_method = "vnni" if has_vnni(parse_target("host").config) else "madd"
+    assert len(kernels) == 3
+    assert {name: k["method"] for name, k in kernels.items()} == \
+        {node.name: ("madd" if node.op_type == "Conv" else matmul_method)
+         for node in model.graph.nodes_of("Conv", "MatMul", "Gemm")}
     out = _run_lowered(lowered, feeds)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
@@ -206,15 +211,16 @@ def test_qdq_kxk_convs_run_int8_kernels_through_im2col(monkeypatch):
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-def _quantized_with_reference(proto, calib: dict):
-    """Quantize `proto` with our pass; the QDQ graph's own output on the first calibration
-    sample (onnxruntime with graph optimizations off, so it does not fuse QDQ groups)."""
+def _quantized_with_reference(proto, calib: dict, spec: str = "quantize"):
+    """Quantize `proto` with our pass (`spec`); the QDQ graph's own output on the first
+    calibration sample (onnxruntime with graph optimizations off, so it does not fuse QDQ
+    groups)."""
     import onnxruntime as ort
 
     import ir
     import passes
     model = ir.load_model(proto)
-    passes.compress(model, "quantize", calibration=calib)
+    passes.compress(model, spec, calibration=calib)
     feeds = {"x": calib["x"][0]}
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

@@ -136,6 +136,19 @@ def test_gelu_then_quantize_matches_onnxruntime():
     assert np.mean(np.abs(got - want) > 1e-6) < 0.02
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_quantize_rounds_ties_to_even_like_onnxruntime(dtype):
+    """QuantizeLinear on CPU is one R.round (LLVM nearbyint): exact halves must round to even,
+    as ONNX says, and saturate at the integer type's ends."""
+    scale = 0.25                                   # a power of two: x / scale is exact
+    halves = (np.arange(-300, 300, dtype=F) + 0.5) * scale
+    nodes = [helper.make_node("QuantizeLinear", ["a", "s", "z"], ["q"])]
+    proto = make_model(nodes, [("a", F, [halves.size])], [("q", dtype, None)],
+                       {"s": np.array(scale, F), "z": np.array(3, dtype)}, 17)
+    feeds = {"a": halves}
+    np.testing.assert_array_equal(tvm_run(proto, feeds)[0], ort_run(proto, feeds)[0])
+
+
 def test_embedding_gather_cast_where():
     """MiniLM's front: token ids -> embedding rows, the mask cast to float, a Where."""
     table = _rand(50, 8)
