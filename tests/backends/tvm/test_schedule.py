@@ -128,6 +128,20 @@ def test_value_read_twice_is_not_inlined_and_matches_numpy():
     np.testing.assert_allclose(_run(mod, target, x), e * e + e, rtol=1e-5)
 
 
+def test_one_operation_read_twice_is_inlined_and_matches_numpy():
+    """A bias add read twice by its consumer ((x + b) * exp(x + b)) is recomputed instead of
+    being written to memory and read back: no intermediate buffer is left."""
+    def build(bb, x):
+        a = bb.emit(relax.op.add(x, relax.const(np.float32(0.5))))
+        return relax.op.multiply(a, relax.op.exp(a))
+    mod, target = _scheduled(_module(build, (4, 32)))
+    funcs = [f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(funcs) == 1
+    assert "alloc_buffer" not in funcs[0].script()
+    x = np.random.default_rng(0).standard_normal((4, 32)).astype(np.float32)
+    np.testing.assert_allclose(_run(mod, target, x), (x + 0.5) * np.exp(x + 0.5), rtol=1e-5)
+
+
 @pytest.mark.parametrize("a_shape,b_shape", [((1, 64, 96), (96, 80)),
                                              ((2, 3, 16, 8), (2, 3, 8, 40))])
 def test_matmul_register_tile_matches_numpy(a_shape, b_shape):
