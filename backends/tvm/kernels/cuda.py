@@ -1,5 +1,6 @@
-"""BSR kernel for CUDA (compile-checked here; no GPU on the build machine, so it is not yet
-measured and the dispatcher does not pick it: `choice.BREAK_EVEN_DENSITY["cuda"]` is 0).
+"""CUDA kernels: the BSR product and the int8 MatMul with `__dp4a` (compile-checked here; no
+GPU on the build machine, so neither is measured and the dispatcher picks neither:
+`choice.BREAK_EVEN_DENSITY["cuda"]` is 0, and QDQ layers on CUDA take the float path).
 
 Same layout as the CPU kernel, Y[b, N, P] = W @ X[b, K, P] + bias (ReLU), W in BSR (see bsr.py):
 one thread block per (block row, P tile), one thread per output column p holding the block
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from .bsr import BSR
 
-__all__ = ["bsr_matmul_kn_cuda"]
+__all__ = ["bsr_matmul_kn_cuda", "int8_matmul_dp4a", "pack_weight_dp4a"]
 
 
 def bsr_matmul_kn_cuda(bsr: BSR, batch: int, p: int, *, relu: bool = False, threads: int = 64):
@@ -60,3 +61,68 @@ def bsr_matmul_kn_cuda(bsr: BSR, batch: int, p: int, *, relu: bool = False, thre
                                     Y[b, bi * r + rr, col] = acc[rr] + B[bi * r + rr]
 
     return bsr_kn_cuda
+
+
+def pack_weight_dp4a(weight):
+    """W int8 [N, K] (K % 4 == 0) -> int32 [K/4, N]: each int32 holds W[n, 4q : 4q + 4], and
+    threads with consecutive n read consecutive words (coalesced)."""
+    import numpy as np
+
+    n, k = weight.shape
+    if k % 4:
+        raise ValueError(f"K={k} must be a multiple of 4")
+    quads = np.ascontiguousarray(np.asarray(weight, np.int8)).view(np.int32)   # [N, K/4]
+    return np.ascontiguousarray(quads.T)
+
+
+def int8_matmul_dp4a(m: int, k: int, n: int, *, relu: bool = False, rows: int = 4,
+                     threads: int = 64):
+    """PrimFunc `(X int8 [M, K], Wt int32 [K/4, N], B int32 [N], S f32 [N], F f32 [N],
+    Y f32 [M, N])` for CUDA: Y = float32(X @ W^T + B) * S + F (ReLU), the dequantizing store of
+    vnni.py, with `__dp4a` (4 int8 products summed into an int32 per instruction, sm_61+).
+
+    One thread per output column n and `rows` rows of X (register accumulators); the X words
+    are the same for every thread of a block (broadcast loads), the weight words coalesced.
+    Compile-checked here (no GPU on the build machine): the dispatcher does not route to it."""
+    from tvm.script import tirx as T
+
+    if k % 4:
+        raise ValueError(f"K={k} must be a multiple of 4")
+    quads = k // 4
+    threads = max(1, min(threads, n))
+    rows = max(1, min(rows, m))
+    col_tiles = -(-n // threads)
+    row_tiles = -(-m // rows)
+
+    @T.prim_func
+    def int8_dp4a(X: T.Buffer((m, k), "int8"), Wt: T.Buffer((quads, n), "int32"),
+                  B: T.Buffer((n,), "int32"), S: T.Buffer((n,), "float32"),
+                  F: T.Buffer((n,), "float32"), Y: T.Buffer((m, n), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        X32 = T.decl_buffer((m, quads), "int32", data=X.data)
+        for bm in T.thread_binding(row_tiles, thread="blockIdx.y"):
+            for bn in T.thread_binding(col_tiles, thread="blockIdx.x"):
+                for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                    acc = T.decl_buffer((rows,), "int32", scope="local")
+                    if bn * threads + tx < n:
+                        for i in T.unroll(rows):
+                            acc[i] = 0
+                        for q in range(quads):
+                            for i in T.unroll(rows):
+                                if bm * rows + i < m:
+                                    acc[i] = T.call_pure_extern(
+                                        "int32", "__dp4a", X32[bm * rows + i, q],
+                                        Wt[q, bn * threads + tx], acc[i])
+                        for i in T.unroll(rows):
+                            if bm * rows + i < m:
+                                if relu:
+                                    Y[bm * rows + i, bn * threads + tx] = T.max(
+                                        T.Cast("float32", acc[i] + B[bn * threads + tx])
+                                        * S[bn * threads + tx] + F[bn * threads + tx],
+                                        T.float32(0))
+                                else:
+                                    Y[bm * rows + i, bn * threads + tx] = \
+                                        T.Cast("float32", acc[i] + B[bn * threads + tx]) \
+                                        * S[bn * threads + tx] + F[bn * threads + tx]
+
+    return int8_dp4a

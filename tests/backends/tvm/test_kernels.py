@@ -193,17 +193,8 @@ def test_bsr_type_is_exported():
 def test_cuda_bsr_kernel_compiles():
     """Compile-only (no GPU here): codegen through NVRTC/nvcc must accept the kernel."""
     from backends.tvm.kernels.cuda import bsr_matmul_kn_cuda
-    if not tvm.runtime.enabled("cuda"):
-        pytest.skip("TVM built without CUDA")
     w = _block_sparse(np.random.default_rng(2), 37, 29, (4, 3), 0.3)
-    func = bsr_matmul_kn_cuda(to_bsr(w, (4, 3)), 2, 45, relu=True)
-    target = tvm.target.Target({"kind": "cuda", "arch": "sm_80"}, host={"kind": "llvm"})
-    try:
-        lib = tvm.compile(tvm.IRModule({"main": func}), target)
-    except Exception as exc:  # noqa: BLE001 - a machine without nvcc/NVRTC cannot check
-        if "nvcc" in str(exc) or "nvrtc" in str(exc).lower():
-            pytest.skip(f"no CUDA compiler: {str(exc).splitlines()[-1]}")
-        raise
+    lib = _compile_cuda_or_skip(bsr_matmul_kn_cuda(to_bsr(w, (4, 3)), 2, 45, relu=True))
     source = lib.mod.imports[0].inspect_source()
     assert "__global__" in source and "bsr_kn_cuda_kernel" in source
 
@@ -220,3 +211,54 @@ def test_tune_bsr_picks_a_measured_tile():
     y = _run(bsr_matmul_kn(bsr, 1, 20, schedule=schedule), x, bsr.data, bsr.indices,
              bsr.indptr, np.zeros(32, F), out_shape=(1, 32, 20))
     np.testing.assert_allclose(y[0], w @ x[0], rtol=1e-4, atol=1e-4)
+
+
+def _compile_cuda_or_skip(func):
+    # CUDA code generation (not the CUDA runtime, which PyPI's TVM lacks) is what is checked.
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_80"}, host={"kind": "llvm"})
+    if tvm.get_global_func("target.build.cuda", allow_missing=True) is None:
+        pytest.skip("TVM built without CUDA code generation")
+    try:
+        return tvm.compile(tvm.IRModule({"main": func}), target)
+    except Exception as exc:  # noqa: BLE001 - a machine without nvcc/NVRTC cannot check
+        if "nvcc" in str(exc) or "nvrtc" in str(exc).lower():
+            pytest.skip(f"no CUDA compiler: {str(exc).splitlines()[-1]}")
+        raise
+
+
+def _dp4a_case(m, k, n):
+    from backends.tvm.kernels.cuda import pack_weight_dp4a
+    rng = np.random.default_rng(m * n)
+    x = rng.integers(-128, 128, (m, k)).astype(np.int8)
+    w = rng.integers(-128, 128, (n, k)).astype(np.int8)
+    b = rng.integers(-999, 999, n).astype(np.int32)
+    s = rng.uniform(1e-4, 1e-3, n).astype(F)
+    f = rng.standard_normal(n).astype(F)
+    ref = (x.astype(np.int64) @ w.astype(np.int64).T + b).astype(F) * s + f
+    return [x, pack_weight_dp4a(w), b, s, f], np.maximum(ref, 0)
+
+
+def test_cuda_dp4a_int8_kernel_compiles_to_dp4a():
+    """Compile-only (no GPU here): the int8 MatMul kernel for CUDA uses __dp4a; its weight
+    packing puts W[n, 4q:4q+4] in word [q, n]."""
+    from backends.tvm.kernels.cuda import int8_matmul_dp4a, pack_weight_dp4a
+    w = np.arange(3 * 8).reshape(3, 8).astype(np.int8)
+    packed = pack_weight_dp4a(w)
+    assert packed.shape == (2, 3) and packed.dtype == np.int32
+    assert list(packed[1:2, 2:3].view(np.int8).reshape(-1)) == list(w[2, 4:8])
+    lib = _compile_cuda_or_skip(int8_matmul_dp4a(13, 40, 33, relu=True))
+    source = lib.mod.imports[0].inspect_source()
+    assert "__dp4a(" in source and "__global__" in source
+
+
+@pytest.mark.gpu
+def test_cuda_dp4a_int8_kernel_matches_numpy():
+    from backends.tvm.kernels.cuda import int8_matmul_dp4a
+    args, ref = _dp4a_case(13, 40, 33)
+    if not tvm.runtime.enabled("cuda") or not tvm.cuda(0).exist:
+        pytest.skip("no CUDA runtime / GPU")
+    lib = _compile_cuda_or_skip(int8_matmul_dp4a(13, 40, 33, relu=True))
+    dev = tvm.cuda(0)
+    out = tvm.runtime.tensor(np.zeros((13, 33), F), dev)
+    lib["main"](*[tvm.runtime.tensor(a, dev) for a in args], out)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5)
