@@ -2,10 +2,11 @@
 GPU on the build machine, so neither is measured and the dispatcher picks neither:
 `choice.BREAK_EVEN_DENSITY["cuda"]` is 0, and QDQ layers on CUDA take the float path).
 
-Same layout as the CPU kernel, Y[b, N, P] = W @ X[b, K, P] + bias (ReLU), W in BSR (see bsr.py):
-one thread block per (block row, P tile), one thread per output column p holding the block
-row's R accumulators in registers. Threads of a warp read consecutive X[k, p] (coalesced); every
-thread of the block walks the same nonzero blocks, so the weight and index loads are broadcasts
+The BSR kernel has the CPU kernel's layout, Y[b, N, P] = W @ X[b, K, P] + bias (ReLU), W in
+BSR (see bsr.py): one thread block per (block row, P tile), one thread per output column p
+holding the block row's R accumulators in registers. Threads of a warp read consecutive
+X[k, p] (coalesced); every thread of the block walks the same nonzero blocks, so the weight and
+index loads are broadcasts
 served by the cache.
 """
 
