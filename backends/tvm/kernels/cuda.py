@@ -6,8 +6,7 @@ The BSR kernel has the CPU kernel's layout, Y[b, N, P] = W @ X[b, K, P] + bias (
 BSR (see bsr.py): one thread block per (block row, P tile), one thread per output column p
 holding the block row's R accumulators in registers. Threads of a warp read consecutive
 X[k, p] (coalesced); every thread of the block walks the same nonzero blocks, so the weight and
-index loads are broadcasts
-served by the cache.
+index loads are broadcasts served by the cache.
 """
 
 from __future__ import annotations
