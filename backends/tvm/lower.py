@@ -16,11 +16,6 @@ float32 Softmax (over the last axis, or the flattened trailing axes before opset
 Gelu use our vectorizable versions (`fast_math.py`): LLVM turns exact exp/erf into one libm call
 per element, which made softmax and GELU cost more than the matmuls around them.
 
-On CPUs, float32 attention (MatMul -> scale -> mask Add -> Softmax -> MatMul, optionally the
-Transpose back) is one fused kernel (`kernels/attention.py`) when its intermediates are used
-nowhere else: found before lowering, its interior nodes are skipped and the last one binds the
-kernel's output.
-
 Hook for our own kernels: before the generic lowering of MatMul/Gemm/Conv, if the weight (input
 1) carries `meta["sparsity"]` or `meta["quant"]` (on itself, or on the constant feeding its
 DequantizeLinear) and `backends.tvm.kernels` exists, `kernels.dispatch(ctx, node)` is called. It
@@ -788,16 +783,10 @@ def lower_model(model: Model, use_kernels: bool = True, target=None,
         ctx.env[value.name] = var
         input_vars.append((value, var))
 
-    fused = _fused_attention(ctx) if kernels is not None else {}
     with bb.function("main"):
         with bb.dataflow():
             for node in graph.nodes:
-                pattern = fused.get(id(node))
-                if pattern is None:
-                    _lower_node(ctx, node, kernels)
-                elif pattern.last is node:
-                    from .kernels.attention import emit_attention
-                    _bind(ctx, node, emit_attention(ctx, pattern, _cpu_lanes(ctx)))
+                _lower_node(ctx, node, kernels)
             outputs = [bb.emit_output(ctx.expr(v)) for v in graph.outputs]
         bb.emit_func_output(relax.Tuple(outputs),
                             params=[var for _, var in input_vars] + ctx.param_vars)
@@ -809,26 +798,6 @@ def lower_model(model: Model, use_kernels: bool = True, target=None,
         params=dict(ctx.params),
         weight_meta=dict(ctx.weight_meta),
     )
-
-
-def _cpu_lanes(ctx) -> int:
-    from .kernels import cpu_schedule, target_of
-    return cpu_schedule(target_of(ctx)).lanes
-
-
-def _fused_attention(ctx) -> dict:
-    """id(node) -> AttentionPattern for every node of an attention the fused CPU kernel takes
-    (kernels/attention.py); the pattern's interior nodes are not lowered on their own."""
-    if not _targets_cpu(ctx):
-        return {}
-    from .kernels.attention import match_attention
-    found = {}
-    for node in ctx.graph.nodes_of("Softmax"):
-        pattern = match_attention(ctx, node, _cpu_lanes(ctx))
-        if pattern is not None:
-            for member in pattern.interior + [pattern.last]:
-                found[id(member)] = pattern
-    return found
 
 
 def _lower_node(ctx: LoweringContext, node: Node, kernels) -> None:

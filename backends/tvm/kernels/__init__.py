@@ -8,7 +8,6 @@ the cost model that picks between them, and `dispatch`, the hook `backends.tvm.l
     choice.py  formats per sparsity pattern, break-even densities per target, Relax emitters
     int8.py    int8 BSR/dense kernel: int32 accumulation (vpmaddwd / sdot), fused requantize
     vnni.py    dense int8 MatMul with AVX-512 VNNI (vpdpbusd) on row-layout activations
-    attention.py  fused scaled dot-product attention for CPUs (pattern match + kernel)
     qdq.py     QDQ MatMul/Gemm/Conv -> the int8 kernel (dequantizing store)
     cuda.py    the BSR kernel and the dp4a int8 MatMul for CUDA (compile-checked only)
     tune.py    searching our BSR kernel's schedule knobs on the real pattern
