@@ -329,6 +329,12 @@ def _targets_cpu(ctx) -> bool:
     return target_family(target_of(ctx)) != "cuda"
 
 
+def _cpu_lanes(ctx) -> int:
+    """float32 lanes of the CPU the code is for (16 AVX-512, 8 AVX2, 4 NEON)."""
+    from .kernels import cpu_schedule, target_of
+    return cpu_schedule(target_of(ctx)).lanes
+
+
 def _softmax_rows(ctx, x, shape, axis):
     """Softmax over the axes from `axis` on, as our pre-scheduled row kernel (fast_math.py):
     one exp per element instead of two, contiguous row reductions."""
@@ -619,8 +625,28 @@ def lower_layer_norm(ctx, node):
                                     f"({node.name}) is not supported")
     dtype = ctx.dtype(x)
     beta = ctx.expr(bias) if bias is not None else _op().zeros(ctx.shape(scale), dtype)
-    return _op().nn.layer_norm(ctx.expr(x), ctx.expr(scale), beta, axes,
-                               epsilon=float(node.attr("epsilon", 1e-5)))
+    epsilon = float(node.attr("epsilon", 1e-5))
+    shape = ctx.shape(x)
+    if dtype == "float32" and _targets_cpu(ctx) and \
+            tuple(ctx.shape(scale)) in (tuple(shape[axis:]), (int(np.prod(shape[axis:])),)) and \
+            (bias is None or tuple(ctx.shape(bias)) == tuple(ctx.shape(scale))):
+        return _layer_norm_rows(ctx, node, shape, axis, scale, beta, epsilon)
+    return _op().nn.layer_norm(ctx.expr(x), ctx.expr(scale), beta, axes, epsilon=epsilon)
+
+
+def _layer_norm_rows(ctx, node, shape, axis, scale, beta, epsilon):
+    """LayerNorm over the trailing axes as our pre-scheduled row kernel (fast_math.py)."""
+    from .fast_math import layer_norm_rows
+    rows, columns = int(np.prod(shape[:axis])), int(np.prod(shape[axis:]))
+    op = _op()
+    func = layer_norm_rows(rows, columns, epsilon, lanes=_cpu_lanes(ctx))
+    gvar = ctx.bb.add_func(func.without_attr("global_symbol"), "layer_norm_rows")
+    args = [ctx.emit(op.reshape(ctx.expr(node.inputs[0]), [rows, columns])),
+            ctx.emit(op.reshape(ctx.expr(scale), [columns])),
+            ctx.emit(op.reshape(beta, [columns]))]
+    y = ctx.emit(ctx.relax.call_tir(gvar, args, out_ty=ctx.relax.TensorType([rows, columns],
+                                                                             "float32")))
+    return op.reshape(y, list(shape))
 
 
 def lower_lrn(ctx, node):

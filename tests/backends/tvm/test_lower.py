@@ -149,6 +149,28 @@ def test_quantize_rounds_ties_to_even_like_onnxruntime(dtype):
     np.testing.assert_array_equal(tvm_run(proto, feeds)[0], ort_run(proto, feeds)[0])
 
 
+@pytest.mark.parametrize("shape, axis, bias", [((2, 7, 384), -1, True), ((3, 20), -1, False),
+                                              ((2, 3, 4, 5), -2, True)])
+def test_layer_norm_row_kernel_matches_onnxruntime(shape, axis, bias):
+    """LayerNorm on CPU is our row kernel (fast_math.layer_norm_rows): rows of any length (a
+    vector multiple or not), normalized over one or several trailing axes, with or without B."""
+    norm_shape = shape[axis % len(shape):]
+    inits = {"g": _rand(*norm_shape) + 1}
+    if bias:
+        inits["b"] = _rand(*norm_shape)
+    nodes = [helper.make_node("LayerNormalization", ["a", "g"] + (["b"] if bias else []), ["y"],
+                              axis=axis, epsilon=1e-5)]
+    proto = make_model(nodes, [("a", F, list(shape))], [("y", F, None)], inits, 17)
+    feeds = {"a": _rand(*shape) * 3 + 1}
+    from backends.tvm.lower import lower_model
+    from passes.api import prepare
+    model = load_model(proto)
+    prepare(model)
+    assert "layer_norm_rows" in lower_model(model).mod.script()
+    np.testing.assert_allclose(tvm_run(proto, feeds)[0], ort_run(proto, feeds)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_embedding_gather_cast_where():
     """MiniLM's front: token ids -> embedding rows, the mask cast to float, a Where."""
     table = _rand(50, 8)
