@@ -16,7 +16,9 @@ Inner products, by `method`:
              8 outputs x 2 k per instruction, exact (int16 x int16 -> int32 pair sums)
     "sdot"   ARM dot product (Cortex-A76 / +dotprod): X as int8 quads [b, K/4, P*4], one weight
              quad broadcast; 4 outputs x 4 k per instruction
-"madd" needs block columns C % 2 == 0, "sdot" C % 4 == 0 (each block covers whole pairs/quads),
+    "vnni"   x86 AVX-512 VNNI `vpdpbusd`: X as uint8 quads [b, K/4, P*4] (unsigned: the
+             activations are not shifted), one weight quad broadcast; 16 outputs x 4 k
+"madd" needs block columns C % 2 == 0, "sdot"/"vnni" C % 4 == 0 (blocks cover whole pairs/quads),
 and K divisible by 2 / 4; `pack_activations` lays X out for them. Dense MatMul/Gemm on an
 AVX-512 VNNI CPU use the row-layout `vpdpbusd` kernel in vnni.py instead (qdq.py decides).
 """
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .bsr import BSR
+from .vnni import has_vnni
 
 __all__ = ["QuantParams", "quantize_params", "dequantize_params", "bsr_int8_kn",
            "pack_activations", "requantize_ref",
@@ -82,6 +85,8 @@ def int8_method_for(target, block_cols: int, k: int) -> str:
     if triple.startswith("aarch64") and ("+dotprod" in mattr or "cortex-a76" in mcpu) \
             and block_cols % 4 == 0 and k % 4 == 0:
         return "sdot"
+    if block_cols % 4 == 0 and k % 4 == 0 and has_vnni(config):
+        return "vnni"
     if not triple.startswith(("aarch64", "arm")) and block_cols % 2 == 0 and k % 2 == 0:
         return "madd"
     return "int32"
@@ -91,7 +96,7 @@ def pack_activations(x: np.ndarray, method: str) -> np.ndarray:
     """X int8 [b, K, P] in the layout `method` reads (see module doc)."""
     if method == "int32":
         return np.ascontiguousarray(x)
-    group, dtype = (2, np.int16) if method == "madd" else (4, np.int8)
+    group, dtype = {"madd": (2, np.int16), "sdot": (4, np.int8), "vnni": (4, np.uint8)}[method]
     b, k, p = x.shape
     return np.ascontiguousarray(x.reshape(b, k // group, group, p).transpose(0, 1, 3, 2)
                                 .astype(dtype)).reshape(b, k // group, p * group)
@@ -102,7 +107,7 @@ def _packed_weights(bsr: BSR, method: str) -> np.ndarray:
     broadcasts a single int32 and reinterprets it as int16x16 / int8x16."""
     if method == "int32":
         return bsr.data.astype(np.int8)
-    group, dtype = (2, np.int16) if method == "madd" else (4, np.int8)
+    group, dtype = (2, np.int16) if method == "madd" else (4, np.int8)   # sdot / vnni: quads
     nnzb, r, c = bsr.data.shape
     grouped = np.ascontiguousarray(bsr.data.astype(dtype).reshape(nnzb, r, c // group, group))
     return grouped.view(np.int32).reshape(nnzb, r, c // group)
@@ -124,10 +129,10 @@ def bsr_int8_kn(bsr: BSR, batch: int, p: int, q_relu: bool = False, *, method: s
     r, c = bsr.block
     nb = bsr.block_rows
     nnzb = int(bsr.data.shape[0])
-    group = {"int32": 1, "madd": 2, "sdot": 4}[method]
+    group = {"int32": 1, "madd": 2, "sdot": 4, "vnni": 4}[method]
     if c % group or k % group:
         raise ValueError(f"method {method!r} needs block columns and K divisible by {group}")
-    width = {"int32": lanes, "madd": 8, "sdot": 4}[method]     # outputs per vector
+    width = {"int32": lanes, "madd": 8, "sdot": 4, "vnni": 16}[method]     # outputs per vector
     if tile_p is None:
         tile_p = width * max(1, min(4, 8 // max(r, 1)))
     tp = max(width, (min(tile_p, p) // width) * width) if p >= width else p
@@ -148,7 +153,7 @@ def bsr_int8_kn(bsr: BSR, batch: int, p: int, q_relu: bool = False, *, method: s
         x_shape = (batch, k, p)
     else:
         x_shape = (batch, k // group, p * group)
-    x_dtype = {"int32": "int8", "madd": "int16", "sdot": "int8"}[method]
+    x_dtype = {"int32": "int8", "madd": "int16", "sdot": "int8", "vnni": "uint8"}[method]
 
     @T.macro
     def product(acc, x, w_data, w_indices, j, b, p0, a0):
@@ -160,6 +165,15 @@ def bsr_int8_kn(bsr: BSR, batch: int, p: int, q_relu: bool = False, *, method: s
                         "int32x8", "llvm.x86.avx2.pmadd.wd",
                         x[b, w_indices[j] * cg + cg_, T.ramp((p0 + a0) * 2, 1, 16)],
                         T.reinterpret("int16x16", T.broadcast(w_data[j, rr, cg_], 8)))
+        elif method == "vnni":
+            for cg_ in T.unroll(cg):
+                for rr in T.unroll(r):
+                    acc[rr, T.ramp(a0, 1, 16)] = T.call_llvm_pure_intrin(
+                        "int32x16", "llvm.x86.avx512.vpdpbusd.512",
+                        acc[rr, T.ramp(a0, 1, 16)],
+                        T.reinterpret("int8x64",
+                                      x[b, w_indices[j] * cg + cg_, T.ramp((p0 + a0) * 4, 1, 64)]),
+                        T.reinterpret("int8x64", T.broadcast(w_data[j, rr, cg_], 16)))
         else:
             for cg_ in T.unroll(cg):
                 for rr in T.unroll(r):

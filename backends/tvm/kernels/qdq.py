@@ -9,8 +9,9 @@ including the next QuantizeLinear, is unchanged):
     Y[n, p] = float32(acc[n, p] - zx * sum_k Wq[n, k]) * (sx * sw[n]) + bias[n]
 
 uint8 activations (the pass's default) are shifted to int8 (xq - 128, zx - 128) so one signed
-kernel serves both. Only the vector inner products are used ("madd" on x86 AVX2, "sdot" on ARM
-with +dotprod): the plain int32 one measured slower than float32 here, so without them the node
+kernel serves both ("vnni" wants them unsigned: int8 ones are shifted up instead). Only the vector
+inner products are used ("madd" on x86 AVX2, "vnni" with AVX-512 VNNI, "sdot" on ARM with
++dotprod): the plain int32 one measured slower than float32 here, so without them the node
 stays on the float path. Sparse int8 weights keep their blocks when the block width fits the
 inner product (C a multiple of 2 / 4), else they are re-blocked R x 2 / R x 4 (R = 4) and the
 block density decides as for float. A Conv (group 1, any kernel / stride / padding / dilation)
@@ -34,7 +35,7 @@ from .vnni import QUAD, has_vnni, int8_matmul_vnni, pack_weight_vnni
 
 __all__ = ["quantized_operands", "emit_int8"]
 
-GROUP = {"madd": 2, "sdot": 4}
+GROUP = {"madd": 2, "sdot": 4, "vnni": 4}
 # The dense VNNI kernel ran MiniLM's FFN and attention shapes 2.0-2.4x faster than the dense
 # "madd" one (bench/sparse_kernels.py int8 rows), so a sparse "madd" BSR kernel only pays below
 # 1/2 of its usual break-even density when the target has VNNI.
@@ -146,9 +147,11 @@ def emit_int8(ctx, node, meta: dict, target, name: str):
     if not conv and k % QUAD == 0 and has_vnni(target) and \
             bsr.block_density >= threshold / VNNI_SPEEDUP:
         return _emit_vnni(ctx, node, meta, name, x, xq, sx, zx, weight, sw, bias, threshold)
-    x_dtype = "int16" if method == "madd" else "int8"
-    # uint8 activations (the pass's default) are shifted to int8: one signed kernel.
-    offset = 128 if str(np.dtype(xq.dtype)) == "uint8" else 0
+    x_dtype = {"madd": "int16", "sdot": "int8", "vnni": "uint8"}[method]
+    # madd / sdot multiply signed values: uint8 activations (the pass's default) are shifted to
+    # int8. vpdpbusd wants them unsigned: int8 activations are shifted up instead.
+    unsigned = str(np.dtype(xq.dtype)) == "uint8"
+    offset = (0 if unsigned else -128) if method == "vnni" else (128 if unsigned else 0)
     zx -= offset
     shape = [int(d) for d in x.ty.shape]
     if conv:
@@ -159,7 +162,7 @@ def emit_int8(ctx, node, meta: dict, target, name: str):
     else:
         if offset:
             x = ctx.emit(op.astype(op.subtract(op.astype(x, "int16"),
-                                               relax.const(offset, "int16")), "int8"))
+                                               relax.const(offset, "int16")), x_dtype))
         m = int(np.prod(shape[:-1]))
         batch, p = 1, m
         x3 = op.reshape(op.permute_dims(op.reshape(x, [m, k]), [1, 0]), [1, k, m])  # [1, K, M]
@@ -184,7 +187,7 @@ def emit_int8(ctx, node, meta: dict, target, name: str):
               "format": f"bsr {block[0]}x{block[1]} int8", "block": list(block),
               "block_density": bsr.block_density, "node": node.name,
               "pattern": pattern_name(meta), "im2col": conv and not kind.is_pointwise,
-              "reason": f"QDQ {node.op_type}: int8 x int8 -> int32 with {method}, dequantized in "
+              "reason": f"QDQ {node.op_type}: 8-bit products summed in int32 with {method}, dequantized in "
                         f"the store (every block kept counts: sparse below "
                         f"{BREAK_EVEN_DENSITY[family]['vector']} block density)"}
     return ctx.emit(y), record

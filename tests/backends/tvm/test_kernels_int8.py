@@ -14,6 +14,7 @@ from backends.tvm.kernels.bsr import to_bsr  # noqa: E402
 from backends.tvm.kernels.int8 import (bsr_int8_kn, int8_method_for,  # noqa: E402
                                        pack_activations, quantize_params, requantize_ref)
 from backends.tvm.kernels.vnni import has_vnni  # noqa: E402
+from backends.tvm.targets import parse_target  # noqa: E402
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": "core-avx2"})
 
@@ -61,6 +62,30 @@ def test_int8_kernel_matches_numpy(method, n, k, p, block, density, batch):
             bsr.indptr, q.bias_q, q.mult, np.array([q.zy], np.int32),
             np.zeros((batch, n, p), np.int8)]
     tensors = [tvm.runtime.tensor(a) for a in args]
+    lib["main"](*tensors)
+    acc = np.einsum("nk,bkp->bnp", w.astype(np.int32), x.astype(np.int32))
+    np.testing.assert_array_equal(tensors[-1].numpy(), requantize_ref(acc, q))
+
+
+@pytest.mark.skipif(not has_vnni(parse_target("host").config),
+                    reason="host CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("n,k,p,block,density,batch", [
+    (37, 28, 13, (4, 4), 0.3, 1), (64, 64, 40, (4, 4), 0.2, 2), (19, 12, 3, (1, 4), 0.5, 1),
+    (24, 16, 35, (8, 4), 1.0, 1)])
+def test_vnni_kernel_matches_numpy(n, k, p, block, density, batch):
+    """The K-major kernel with vpdpbusd: unsigned activations (uint8, not shifted), whole
+    16-lane vectors plus the ragged P tail, exact requantization."""
+    rng = np.random.default_rng(n + k + p)
+    w, _ = _case(rng, n, k, p, block, density, batch)
+    x = rng.integers(0, 256, (batch, k, p)).astype(np.uint8)
+    q = quantize_params(w, 0.05, 130, rng.uniform(0.001, 0.01, n), 2.0, -5,
+                        rng.standard_normal(n) * 3, density < 0.5)
+    bsr = to_bsr(w, block)
+    func, data = bsr_int8_kn(bsr, batch, p, density < 0.5, method="vnni")
+    lib = tvm.compile(tvm.IRModule({"main": func}), parse_target("host").tvm_target())
+    tensors = [tvm.runtime.tensor(a) for a in (
+        pack_activations(x, "vnni"), data, bsr.data.astype(np.int8), bsr.indices, bsr.indptr,
+        q.bias_q, q.mult, np.array([q.zy], np.int32), np.zeros((batch, n, p), np.int8))]
     lib["main"](*tensors)
     acc = np.einsum("nk,bkp->bnp", w.astype(np.int32), x.astype(np.int32))
     np.testing.assert_array_equal(tensors[-1].numpy(), requantize_ref(acc, q))
@@ -166,12 +191,10 @@ def test_qdq_graph_runs_int8_kernels_through_the_lowering(monkeypatch):
                if "kernel" in v}
     if not _host_has_avx2():
         pytest.skip("host has no AVX2")
-    # MatMul / Gemm take the row-layout VNNI kernel where the host has it (test_kernels_vnni.py)
-    matmul_method = "vnni" if has_vnni(parse_target("host").config) else "madd"
-    assert len(kernels) == 3
-    assert {name: k["method"] for name, k in kernels.items()} == \
-        {node.name: ("madd" if node.op_type == "Conv" else matmul_method)
-         for node in model.graph.nodes_of("Conv", "MatMul", "Gemm")}
+    # With VNNI, MatMul / Gemm take the row-layout kernel (test_kernels_vnni.py) and the Conv
+    # the K-major kernel's vpdpbusd product; "vnni" either way.
+    method = "vnni" if has_vnni(parse_target("host").config) else "madd"
+    assert len(kernels) == 3 and {k["method"] for k in kernels.values()} == {method}
     out = _run_lowered(lowered, feeds)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
@@ -205,7 +228,8 @@ def test_qdq_kxk_convs_run_int8_kernels_through_im2col(monkeypatch):
     model, feeds, ref = _quantized_with_reference(proto, calib)
     lowered = lower_model(model)
     kernels = [v["kernel"] for v in lowered.weight_meta.values() if "kernel" in v]
-    assert len(kernels) == 2 and all(k["method"] == "madd" and k["im2col"] for k in kernels)
+    method = "vnni" if has_vnni(parse_target("host").config) else "madd"
+    assert len(kernels) == 2 and all(k["method"] == method and k["im2col"] for k in kernels)
     out = _run_lowered(lowered, feeds)
     assert out.shape == ref.shape
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
