@@ -187,8 +187,8 @@ def emit_int8(ctx, node, meta: dict, target, name: str):
               "format": f"bsr {block[0]}x{block[1]} int8", "block": list(block),
               "block_density": bsr.block_density, "node": node.name,
               "pattern": pattern_name(meta), "im2col": conv and not kind.is_pointwise,
-              "reason": f"QDQ {node.op_type}: 8-bit products summed in int32 with {method}, dequantized in "
-                        f"the store (every block kept counts: sparse below "
+              "reason": f"QDQ {node.op_type}: 8-bit products summed in int32 with {method}, "
+                        f"dequantized in the store (every block kept counts: sparse below "
                         f"{BREAK_EVEN_DENSITY[family]['vector']} block density)"}
     return ctx.emit(y), record
 
