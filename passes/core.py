@@ -166,7 +166,8 @@ _REGISTRY: dict[str, type[Pass]] = {}
 
 # Pass families imported on first registry use; a family missing from the tree is skipped so that
 # the infrastructure works while the families are developed independently.
-_BUILTIN_FAMILIES = ("passes.cleanup", "passes.prune", "passes.sparsify", "passes.quantize")
+_BUILTIN_FAMILIES = ("passes.cleanup", "passes.prune", "passes.sparsify", "passes.quantize",
+                     "passes.recover")
 _loaded = False
 
 
