@@ -14,7 +14,6 @@ CPU: TVM's legalized TIR is plain nested loops (one scalar multiply-add at a tim
   of B), accumulated in a local buffer that LLVM keeps in registers across the whole
   reduction, so each loaded weight or input vector feeds several multiply-adds and the
   accumulators are not stored every step (3x3 conv 64->64 at 56x56: 4-6x faster).
-Elementwise consumers of a tiled result (bias, scale, mask, ReLU) run in the tile's write-back.
 Matmuls (one reduction axis) put the column blocks outside the row blocks, so each K x vector
 panel of B is read from memory once and reused by every row block (MiniLM FFN, 128 tokens:
 8.0 -> 2.7 ms per layer).
@@ -79,11 +78,7 @@ class ParallelVectorize(_dlight().ScheduleRule):
         try:
             blocks = _compute_blocks(sch)
             _inline_elementwise(sch, blocks)
-            for name in [sch.get(block).name_hint for block in _compute_blocks(sch)]:
-                try:
-                    block = sch.get_sblock(name)
-                except Exception:  # noqa: BLE001 - inlined into a register tile's write-back
-                    continue
+            for block in _compute_blocks(sch):
                 _schedule_block(sch, block, self.lanes)
         except Exception:  # noqa: BLE001 - a block we cannot handle stays as it was
             return None
@@ -219,25 +214,7 @@ def _register_tile(sch, block, spatial, reduce, lanes: int) -> bool:
     sch.unroll(row_inner)
     sch.decompose_reduction(block, reduce[0])
     sch.vectorize(sch.get_loops(accumulator)[-1])  # the tile's write-back
-    _epilogue_into_write_back(sch, accumulator)
     return True
-
-
-def _epilogue_into_write_back(sch, write_back) -> None:
-    """Elementwise consumers of the result (bias, scale, mask add, ReLU) computed in the tile's
-    write-back instead of in a pass of their own: the result is not stored and re-read (MiniLM's
-    attention scores: 12 x 128 x 128 floats per layer). Consumers that cannot be inlined stay."""
-    changed = True
-    while changed:
-        changed = False
-        for consumer in sch.get_consumers(write_back):
-            if _iter_kinds(sch, consumer).count("R") == 0:
-                try:
-                    sch.reverse_compute_inline(consumer)
-                    changed = True
-                    break
-                except Exception:  # noqa: BLE001 - not a pure elementwise map of the result
-                    pass
 
 
 def _schedule_block(sch, block, lanes: int) -> None:
