@@ -97,6 +97,17 @@ class Value:
     def is_graph_output(self) -> bool:
         return self.graph is not None and any(v is self for v in self.graph.outputs)
 
+    def sole_add(self) -> tuple["Node", int] | None:
+        """(add, index of its other input) when one binary Add alone reads this value (not a
+        graph output, not x + x): where a layer's bias lives, so passes can fold into it."""
+        readers = self.consumers()
+        if self.is_graph_output() or len(readers) != 1 or readers[0].op_type != "Add":
+            return None
+        add = readers[0]
+        if len(add.inputs) != 2 or add.input(0) is add.input(1):
+            return None
+        return add, 1 if add.input(0) is self else 0
+
     def is_graph_input(self) -> bool:
         return self.graph is not None and any(v is self for v in self.graph.inputs)
 

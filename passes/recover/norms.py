@@ -227,13 +227,11 @@ def _bias_add(node: Node) -> Node | None:
     weight, output = node.input(1), node.output
     if weight is None or not weight.is_constant or weight.const.ndim != 2:
         return None
-    readers = output.consumers()
-    if output.is_graph_output() or len(readers) != 1 or readers[0].op_type != "Add":
+    found = output.sole_add()
+    if found is None:
         return None
-    add = readers[0]
-    if len(add.inputs) != 2 or add.input(0) is add.input(1):
-        return None
-    bias = add.input(1 if add.input(0) is output else 0)
+    add, index = found
+    bias = add.input(index)
     if bias is None or not bias.is_constant or bias.const.shape != (weight.const.shape[1],):
         return None
     return add

@@ -61,13 +61,10 @@ def add_output_shift(graph: Graph, target: SparsifyTarget, shift: np.ndarray) ->
 def _fold_into_add(graph: Graph, target: SparsifyTarget, shift: np.ndarray) -> str | None:
     """Fold into the constant of the single Add reading a MatMul's output, when broadcast allows."""
     output = target.node.output
-    readers = output.consumers()
-    if output.is_graph_output() or len(readers) != 1 or readers[0].op_type != "Add":
+    found = output.sole_add()
+    if found is None:
         return None
-    add = readers[0]
-    if len(add.inputs) != 2 or add.input(0) is add.input(1):
-        return None
-    index = 1 if add.input(0) is output else 0
+    add, index = found
     bias = add.input(index)
     if bias is None or not bias.is_constant or bias.const.dtype.kind != "f":
         return None
