@@ -36,9 +36,9 @@ from .vnni import QUAD, has_vnni, int8_matmul_vnni, pack_weight_vnni
 __all__ = ["quantized_operands", "emit_int8"]
 
 GROUP = {"madd": 2, "sdot": 4, "vnni": 4}
-# The dense VNNI kernel ran MiniLM's FFN and attention shapes 2.0-2.4x faster than the dense
-# "madd" one (bench/sparse_kernels.py int8 rows), so a sparse "madd" BSR kernel only pays below
-# 1/2 of its usual break-even density when the target has VNNI.
+# The dense VNNI kernel ran MiniLM's FFN shapes 1.96-2.26x faster than the dense "madd" one
+# (bench/results/sparse_kernels.md, AVX-512 VNNI section), so a sparse int8 BSR kernel only pays
+# below 1/2 of its usual break-even density when the target has VNNI.
 VNNI_SPEEDUP = 2.0
 
 
