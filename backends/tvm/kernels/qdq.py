@@ -161,8 +161,7 @@ def emit_int8(ctx, node, meta: dict, target, name: str):
         packed = emit_im2col_packed(ctx.bb, x, kind, zx, group, k, x_dtype, offset)
     else:
         if offset:
-            x = ctx.emit(op.astype(op.subtract(op.astype(x, "int16"),
-                                               relax.const(offset, "int16")), x_dtype))
+            x = _shifted(ctx, x, offset, x_dtype)
         m = int(np.prod(shape[:-1]))
         batch, p = 1, m
         x3 = op.reshape(op.permute_dims(op.reshape(x, [m, k]), [1, 0]), [1, k, m])  # [1, K, M]
@@ -203,8 +202,7 @@ def _emit_vnni(ctx, node, meta, name, x, xq, sx, zx, weight, sw, bias, threshold
     shape = [int(d) for d in x.ty.shape]
     m = int(np.prod(shape[:-1]))
     if str(np.dtype(xq.dtype)) == "int8":
-        x = ctx.emit(op.astype(op.add(op.astype(x, "int16"), relax.const(128, "int16")),
-                               "uint8"))
+        x = _shifted(ctx, x, -128, "uint8")
         zx += 128
     x2 = ctx.emit(op.reshape(x, [m, k]))
     gvar = ctx.bb.add_func(int8_matmul_vnni(m, k, n).without_attr("global_symbol"),
@@ -223,3 +221,12 @@ def _emit_vnni(ctx, node, meta, name, x, xq, sx, zx, weight, sw, bias, threshold
                         f"(vpdpbusd), row layout, dequantized in the store (a sparse int8 kernel "
                         f"only pays below {threshold / VNNI_SPEEDUP:.3g} block density here)"}
     return ctx.emit(op.reshape(y2, shape[:-1] + [n])), record
+
+
+def _shifted(ctx, x, offset: int, dtype: str):
+    """x - offset in `dtype` (8-bit activations moved between the signed and unsigned range
+    the inner product wants; int16 in between so nothing wraps)."""
+    from tvm import relax
+    op = relax.op
+    return ctx.emit(op.astype(op.subtract(op.astype(x, "int16"), relax.const(offset, "int16")),
+                              dtype))
