@@ -88,6 +88,10 @@ SETTINGS = {
         ("int8", "cleanup,quantize"),
         ("FFN 10% obs + int8", f"cleanup,{_minilm_ffn(0.1)},quantize"),
         ("FFN 15% obs + int8", f"cleanup,{_minilm_ffn(0.15)},quantize"),
+        # int8 attention: scores and probabilities x values on the VNNI kernel too
+        ("int8 + int8 attention", "cleanup,quantize:activation_matmuls=true"),
+        ("FFN 10% obs + int8 + int8 attention",
+         f"cleanup,{_minilm_ffn(0.1)},quantize:activation_matmuls=true"),
         ("sparse 80% 4x1", f"cleanup,{_minilm_sparse(0.8, '4x1')}"),
         ("sparse 60% 4x4 + int8", f"cleanup,{_minilm_sparse(0.6, '4x4')},quantize"),
         ("sparse 80% 4x4 + int8", f"cleanup,{_minilm_sparse(0.8, '4x4')},quantize"),

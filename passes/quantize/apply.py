@@ -15,7 +15,7 @@ from .ranges import activation_range
 from .rewrite import insert_activation_qdq, quantize_weight_input
 from .targets import QuantTarget
 
-__all__ = ["calibrated_params", "apply_qdq", "output_tensor"]
+__all__ = ["calibrated_params", "apply_qdq", "apply_activation_matmul_qdq", "output_tensor"]
 
 
 def output_tensor(target: QuantTarget):
@@ -81,4 +81,20 @@ def apply_qdq(model: Model, targets: list[QuantTarget], activation: dict[str, Qu
                         "channels": int(params.scale.size)})
     graph.toposort()
     graph.remove_unused_constants()
+    return records
+
+
+def apply_activation_matmul_qdq(model: Model, nodes: list, first: dict[str, QuantParams],
+                                second: dict[str, QuantParams]) -> list[dict]:
+    """Q -> DQ on both inputs of each MatMul of two activations (parameters by tensor name:
+    `first` for input 0, `second` for input 1); returns one record per MatMul."""
+    graph, records = model.graph, []
+    for node in nodes:
+        a, b = node.inputs
+        pa, pb = first[a.name], second[b.name]
+        insert_activation_qdq(graph, a, [(node, 0)], pa)
+        insert_activation_qdq(graph, b, [(node, 1)], pb)
+        records.append({"node": node.name, "first": a.name, "second": b.name,
+                        "first_dtype": pa.dtype, "second_dtype": pb.dtype})
+    graph.toposort()
     return records

@@ -7,14 +7,14 @@ from ir import Model
 from ..calibration import capture
 from ..cleanup import upgrade_opset
 from ..core import Option, OptionError, Pass, PassContext, PassResult, register_pass
-from .apply import apply_qdq, calibrated_params, output_tensor
+from .apply import apply_activation_matmul_qdq, apply_qdq, calibrated_params, output_tensor
 from .bias_correction import correct_biases
 from .equalize import equalize_model
 from .metadata import write_quant_property
 from .mixed_precision import choose_float_layers
 from .qparams import dequantize, quantize_weight, weight_params
 from .ranges import METHODS
-from .targets import SUPPORTED_OPS, find_targets
+from .targets import SUPPORTED_OPS, find_activation_matmuls, find_targets
 
 __all__ = ["Quantize", "QDQ_MIN_OPSET"]
 
@@ -39,7 +39,9 @@ class Quantize(Pass):
     quantization back to each layer's bias; `equalize=true` first runs cross-layer equalization
     (pass `equalize`); `max_drop=D` keeps the most sensitive layers in float until the drop of
     output fidelity on calibration data, 100 x (1 - mean cosine to the float outputs), is <= D,
-    with a per-layer sensitivity report. Scales and zero points are recorded in
+    with a per-layer sensitivity report. `activation_matmuls=true` also quantizes MatMuls of two
+    activations (attention's Q.K^T and probabilities.V): the first input as `activations`, the
+    second int8 symmetric (the signed operand of integer dot-product kernels). Scales and zero points are recorded in
     `value.meta["quant"]` and the model property `compress.quantization`.
     """
     name = "quantize"
@@ -56,6 +58,8 @@ class Quantize(Pass):
         "equalize": Option(bool, False, "cross-layer equalization before quantizing"),
         "outputs": Option(bool, False, "also quantize each layer's output (after a fused Relu) "
                           "so onnxruntime runs int8 kernels end to end (faster, less exact)"),
+        "activation_matmuls": Option(bool, False, "also quantize MatMuls of two activations "
+                                     "(attention scores and probabilities x values)"),
         "max_drop": Option(float, None, "keep sensitive layers float until the output fidelity "
                            "drop (points of 100 x cosine) on calibration data is <= this"),
     }
@@ -80,7 +84,9 @@ class Quantize(Pass):
             details["equalized"] = equalize_model(model)
         targets, skipped = find_targets(model, self.ops, self.exclude)
         details["skipped"] = skipped
-        if not targets:
+        matmuls = (find_activation_matmuls(model, self.exclude)
+                   if self.activation_matmuls and "MatMul" in self.ops else [])
+        if not targets and not matmuls:
             return PassResult(upgraded, notes + ["quantize: no layer to quantize"], details)
 
         calibration = ctx.require_calibration(model, samples=self.samples)
@@ -88,8 +94,16 @@ class Quantize(Pass):
         if self.outputs:
             tensor_names += [output_tensor(t).name for t in targets]
         tensor_names = list(dict.fromkeys(tensor_names))
-        captured = capture(model, tensor_names, calibration, limit=self.samples)
-        activation = calibrated_params(captured, self.method, self.activations, self.percentile)
+        pair_names = [v.name for node in matmuls for v in node.inputs]
+        captured = capture(model, list(dict.fromkeys(tensor_names + pair_names)), calibration,
+                           limit=self.samples)
+        activation = calibrated_params({n: captured[n] for n in tensor_names}, self.method,
+                                       self.activations, self.percentile)
+        first = calibrated_params({node.inputs[0].name: captured[node.inputs[0].name]
+                                   for node in matmuls}, self.method, self.activations,
+                                  self.percentile)
+        second = calibrated_params({node.inputs[1].name: captured[node.inputs[1].name]
+                                    for node in matmuls}, self.method, "int8", self.percentile)
 
         float_layers: list[str] = []
         if self.max_drop is not None:
@@ -112,6 +126,9 @@ class Quantize(Pass):
                 corrections.append((t.node, t.weight.const, dequantized,
                                     activation[t.activation.name], t.activation.name))
         details["layers"] = apply_qdq(model, chosen, activation, self.per_channel, self.outputs)
+        if matmuls:
+            details["activation_matmuls"] = apply_activation_matmul_qdq(model, matmuls, first,
+                                                                        second)
         if corrections:
             details["bias_correction"] = correct_biases(model.graph, corrections, captured)
 
@@ -122,5 +139,6 @@ class Quantize(Pass):
                                      "per_channel": self.per_channel,
                                      "float_layers": float_layers})
         notes.append(f"quantize: {len(chosen)} layers int8 ({self.method}, "
-                     f"{self.activations} activations), {len(skipped)} skipped")
+                     f"{self.activations} activations), {len(skipped)} skipped"
+                     + (f", {len(matmuls)} activation MatMuls int8" if matmuls else ""))
         return PassResult(True, notes, details)

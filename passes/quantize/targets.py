@@ -17,7 +17,7 @@ import numpy as np
 
 from ir import Model, Node
 
-__all__ = ["QuantTarget", "find_targets", "SUPPORTED_OPS"]
+__all__ = ["QuantTarget", "find_targets", "find_activation_matmuls", "SUPPORTED_OPS"]
 
 SUPPORTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
@@ -87,3 +87,22 @@ def find_targets(model: Model, ops: list[str], exclude: list[str]) -> tuple[list
             continue
         targets.append(QuantTarget(node, 0, 1, axis))
     return targets, skipped
+
+
+def find_activation_matmuls(model: Model, exclude: list[str]) -> list[Node]:
+    """MatMuls whose two inputs are both float32 activations (attention's scores Q.K^T and
+    probabilities.V), in graph order; excluded ones by node name or op type."""
+    found = []
+    for node in model.graph.nodes:
+        if node.op_type != "MatMul" or node.domain or len(node.inputs) != 2:
+            continue
+        a, b = node.inputs
+        if a is None or b is None or a.is_constant or b.is_constant:
+            continue
+        if any(v.dtype is not None and v.dtype != np.float32 for v in (a, b)):
+            continue
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude
+               for name in (node.name, node.op_type)):
+            continue
+        found.append(node)
+    return found

@@ -9,11 +9,13 @@ the cost model that picks between them, and `dispatch`, the hook `backends.tvm.l
     int8.py    int8 BSR/dense kernel: int32 accumulation (vpmaddwd / sdot), fused requantize
     vnni.py    dense int8 MatMul with AVX-512 VNNI (vpdpbusd) on row-layout activations
     qdq.py     QDQ MatMul/Gemm/Conv -> the int8 kernel (dequantizing store)
+    qdq_pair.py  QDQ MatMul of two activations (attention) -> the batched VNNI kernel
     cuda.py    the BSR kernel and the dp4a int8 MatMul for CUDA (compile-checked only)
     tune.py    searching our BSR kernel's schedule knobs on the real pattern
 
 `dispatch(ctx, node)` first sends QDQ-quantized MatMul/Gemm/Conv (weight with `meta["quant"]`)
-to the int8 kernel when the target has a vector int8 product (see qdq.py). Otherwise it handles
+to the int8 kernel when the target has a vector int8 product (see qdq.py), and a QDQ MatMul of
+two activations to the batched VNNI kernel on AVX-512 VNNI targets (qdq_pair.py). Otherwise it handles
 MatMul (constant 2-D weight), Gemm (transA=0, constant B, bias broadcast along N) and Conv
 (group 1, 2-D; kxk / strided / padded / dilated ones through im2col) in float32, when the
 weight's `meta["sparsity"]` makes the BSR kernel the faster choice (choice.py). It returns None
@@ -38,6 +40,7 @@ from .dense import dense_matmul_kn
 from .ell import to_ell
 from .im2col import ConvGeometry, conv_geometry
 from .qdq import emit_int8
+from .qdq_pair import emit_int8_pair
 
 __all__ = ["dispatch", "target_of", "choose_kernel", "kernel_choice", "emit_sparse_matmul",
            "emit_sparse_conv1x1", "emit_sparse_conv", "storage_format", "target_family",
@@ -104,7 +107,9 @@ def dispatch(ctx, node):
     name = "".join(ch if ch.isalnum() else "_" for ch in (node.name or node.op_type))
     target = target_of(ctx)
     if "quant" in meta and target is not None and target_family(target) != "cuda":
-        emitted = emit_int8(ctx, node, meta, target, name)
+        pair = node.op_type == "MatMul" and not ctx.is_known(w_value)
+        emitted = (emit_int8_pair(ctx, node, target, name) if pair
+                   else emit_int8(ctx, node, meta, target, name))
         if emitted is not None:
             result, record = emitted
             _record(ctx, w_value, record)

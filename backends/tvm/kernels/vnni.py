@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["LANES", "has_vnni", "pack_weight_vnni", "int8_matmul_vnni", "int8_matmul_ref"]
+__all__ = ["LANES", "has_vnni", "pack_weight_vnni", "int8_matmul_vnni", "int8_batch_matmul_vnni",
+           "int8_matmul_ref"]
 
 LANES = 16          # int32 lanes of a zmm register
 QUAD = 4            # bytes per lane product
@@ -71,6 +72,22 @@ def int8_matmul_vnni(m: int, k: int, n: int, relu: bool = False, rows: int = 6,
                      col_vectors: int = 4):
     """PrimFunc (X uint8 [M, K], Wp int8 [N/16, K/4, 64], B int32 [N], S float32 [N],
     F float32 [N], Y float32 [M, N]); see the module doc. K must be a multiple of 4."""
+    return _vnni_func(1, m, k, n, relu, rows, col_vectors, batched=False)
+
+
+def int8_batch_matmul_vnni(batch: int, m: int, k: int, n: int, rows: int = 6,
+                           col_vectors: int = 4):
+    """The same product with a second operand per batch, for two activations (attention):
+    PrimFunc (X uint8 [batch, M, K], Wp int8 [batch, N/16, K/4, 64], B int32 [batch, N],
+    S float32 [N], F float32 [N], Y float32 [batch, M, N]); Wp and B are made at run time
+    (see qdq_pair.py). Threads split (batch, column group, row tile) triples."""
+    return _vnni_func(batch, m, k, n, False, rows, col_vectors, batched=True)
+
+
+def _vnni_func(batch: int, m: int, k: int, n: int, relu: bool, rows: int, col_vectors: int,
+               batched: bool):
+    """Both kernels: the loop nest always has a batch index; the 2-D one views its buffers
+    with a batch of 1 (one weight shared by every row)."""
     from tvm.script import tirx as T
 
     if k % QUAD:
@@ -85,20 +102,20 @@ def int8_matmul_vnni(m: int, k: int, n: int, relu: bool = False, rows: int = 6,
     tiles = row_tiles + (1 if row_rest else 0)
 
     @T.macro
-    def store(acc, bias_q, scale, bias_f, y, i, j, lane, m0, v0):
+    def store(acc, bias_q, scale, bias_f, y, b, i, j, lane, m0, v0):
         # The channel index is written out in full: bound to a name first (a Let inside the
         # vectorized lane loop) it produced wrong stores with TVM 0.27.
         if relu:
-            y[m0 + i, (v0 + j) * LANES + lane] = T.max(
-                T.Cast("float32", acc[i, j, lane] + bias_q[(v0 + j) * LANES + lane])
+            y[b, m0 + i, (v0 + j) * LANES + lane] = T.max(
+                T.Cast("float32", acc[i, j, lane] + bias_q[b, (v0 + j) * LANES + lane])
                 * scale[(v0 + j) * LANES + lane] + bias_f[(v0 + j) * LANES + lane], T.float32(0))
         else:
-            y[m0 + i, (v0 + j) * LANES + lane] = \
-                T.Cast("float32", acc[i, j, lane] + bias_q[(v0 + j) * LANES + lane]) \
+            y[b, m0 + i, (v0 + j) * LANES + lane] = \
+                T.Cast("float32", acc[i, j, lane] + bias_q[b, (v0 + j) * LANES + lane]) \
                 * scale[(v0 + j) * LANES + lane] + bias_f[(v0 + j) * LANES + lane]
 
     @T.macro
-    def tile(x32, wp, bias_q, scale, bias_f, y, m0, v0, tm, tv):
+    def tile(x32, wp, bias_q, scale, bias_f, y, b, m0, v0, tm, tv):
         acc = T.decl_buffer((tm, tv, LANES), "int32", scope="local")
         for i in T.unroll(tm):
             for j in T.unroll(tv):
@@ -110,38 +127,60 @@ def int8_matmul_vnni(m: int, k: int, n: int, relu: bool = False, rows: int = 6,
                     acc[i, j, T.ramp(0, 1, LANES)] = T.call_llvm_pure_intrin(
                         "int32x16", "llvm.x86.avx512.vpdpbusd.512",
                         acc[i, j, T.ramp(0, 1, LANES)],
-                        T.reinterpret("int8x64", T.broadcast(x32[m0 + i, q], LANES)),
-                        wp[v0 + j, q, T.ramp(0, 1, LANES * QUAD)])
+                        T.reinterpret("int8x64", T.broadcast(x32[b, m0 + i, q], LANES)),
+                        wp[b, v0 + j, q, T.ramp(0, 1, LANES * QUAD)])
         for i in T.unroll(tm):
             for j in T.unroll(tv):
                 if (v0 + j + 1) * LANES <= n:
                     for lane in T.vectorized(LANES):
-                        store(acc, bias_q, scale, bias_f, y, i, j, lane, m0, v0)
+                        store(acc, bias_q, scale, bias_f, y, b, i, j, lane, m0, v0)
                 else:
                     for lane in range(LANES):
                         if (v0 + j) * LANES + lane < n:
-                            store(acc, bias_q, scale, bias_f, y, i, j, lane, m0, v0)
+                            store(acc, bias_q, scale, bias_f, y, b, i, j, lane, m0, v0)
+
+    @T.macro
+    def body(x32, wp, bias_q, scale, bias_f, y):
+        for chunk in T.parallel(batch * groups * tiles):
+            b = chunk // (groups * tiles)
+            g = chunk // tiles % groups
+            t = chunk % tiles
+            if g < col_groups:
+                if t < row_tiles:
+                    tile(x32, wp, bias_q, scale, bias_f, y, b, t * rows, g * col_vectors, rows,
+                         col_vectors)
+                elif row_rest > 0:
+                    tile(x32, wp, bias_q, scale, bias_f, y, b, row_tiles * rows,
+                         g * col_vectors, row_rest, col_vectors)
+            elif col_rest > 0:
+                if t < row_tiles:
+                    tile(x32, wp, bias_q, scale, bias_f, y, b, t * rows,
+                         col_groups * col_vectors, rows, col_rest)
+                elif row_rest > 0:
+                    tile(x32, wp, bias_q, scale, bias_f, y, b, row_tiles * rows,
+                         col_groups * col_vectors, row_rest, col_rest)
+
+    if batched:
+        @T.prim_func
+        def int8_vnni_batch(X: T.Buffer((batch, m, k), "uint8"),
+                            Wp: T.Buffer((batch, vectors, quads, LANES * QUAD), "int8"),
+                            B: T.Buffer((batch, n), "int32"), S: T.Buffer((n,), "float32"),
+                            F: T.Buffer((n,), "float32"), Y: T.Buffer((batch, m, n), "float32")):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            X32 = T.decl_buffer((batch, m, quads), "int32", data=X.data)
+            body(X32, Wp, B, S, F, Y)
+
+        return int8_vnni_batch
 
     @T.prim_func
     def int8_vnni(X: T.Buffer((m, k), "uint8"), Wp: T.Buffer((vectors, quads, LANES * QUAD), "int8"),
                   B: T.Buffer((n,), "int32"), S: T.Buffer((n,), "float32"),
                   F: T.Buffer((n,), "float32"), Y: T.Buffer((m, n), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        X32 = T.decl_buffer((m, quads), "int32", data=X.data)
-        for chunk in T.parallel(groups * tiles):
-            g = chunk // tiles
-            t = chunk % tiles
-            if g < col_groups:
-                if t < row_tiles:
-                    tile(X32, Wp, B, S, F, Y, t * rows, g * col_vectors, rows, col_vectors)
-                elif row_rest > 0:
-                    tile(X32, Wp, B, S, F, Y, row_tiles * rows, g * col_vectors, row_rest,
-                         col_vectors)
-            elif col_rest > 0:
-                if t < row_tiles:
-                    tile(X32, Wp, B, S, F, Y, t * rows, col_groups * col_vectors, rows, col_rest)
-                elif row_rest > 0:
-                    tile(X32, Wp, B, S, F, Y, row_tiles * rows, col_groups * col_vectors,
-                         row_rest, col_rest)
+        X32 = T.decl_buffer((1, m, quads), "int32", data=X.data)
+        Wp1 = T.decl_buffer((1, vectors, quads, LANES * QUAD), "int8", data=Wp.data)
+        B1 = T.decl_buffer((1, n), "int32", data=B.data)
+        Y1 = T.decl_buffer((1, m, n), "float32", data=Y.data)
+        body(X32, Wp1, B1, S, F, Y1)
 
     return int8_vnni

@@ -56,3 +56,32 @@ def matmul_gemm(seed=0, trans_b=0):
 def calibration(shape, n=64, seed=1, offset=0.0):
     return {"x": (np.random.default_rng(seed).standard_normal((n, *shape[1:])) + offset
                   ).astype(np.float32)}
+
+
+def attention(seq=12, heads=2, head_dim=8, seed=0):
+    """x[1,seq,H*D] -> Q/K/V MatMuls -> heads -> softmax(Q.K^T / sqrt(D)).V -> output MatMul -> y:
+    two MatMuls of two activations (scores and probabilities x values) between four with
+    constant weights."""
+    rng = np.random.default_rng(seed)
+    hidden = heads * head_dim
+    inits = [numpy_helper.from_array((rng.standard_normal((hidden, hidden)) / 4)
+                                     .astype(np.float32), name) for name in "qkvo"]
+    inits += [numpy_helper.from_array(np.array([1, seq, heads, head_dim], np.int64), "split"),
+              numpy_helper.from_array(np.array([1, seq, hidden], np.int64), "merge"),
+              numpy_helper.from_array(np.array(np.sqrt(head_dim), np.float32), "root")]
+    nodes = []
+    for name, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
+        nodes += [helper.make_node("MatMul", ["x", name], [f"{name}_x"], name=f"proj_{name}"),
+                  helper.make_node("Reshape", [f"{name}_x", "split"], [f"{name}_s"]),
+                  helper.make_node("Transpose", [f"{name}_s"], [f"{name}_h"], perm=perm)]
+    nodes += [
+        helper.make_node("MatMul", ["q_h", "k_h"], ["scores"], name="scores"),
+        helper.make_node("Div", ["scores", "root"], ["scaled"]),
+        helper.make_node("Softmax", ["scaled"], ["probs"], axis=-1),
+        helper.make_node("MatMul", ["probs", "v_h"], ["context"], name="context"),
+        helper.make_node("Transpose", ["context"], ["context_t"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["context_t", "merge"], ["context_m"]),
+        helper.make_node("MatMul", ["context_m", "o"], ["y"], name="proj_o"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, hidden])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, hidden])], inits)

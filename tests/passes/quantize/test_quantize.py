@@ -239,3 +239,33 @@ def test_outputs_option_quantizes_layer_outputs_after_relu_for_onnxruntime_fusio
     _, out2, _ = _quantize(proto2, "quantize:outputs=true", calibration([1, 5, 16]))
     assert {n.input[0] for n in out2.graph.node if n.op_type == "QuantizeLinear"} == \
         {"x", "r", "flat"}
+
+
+def test_activation_matmuls_option_quantizes_attention_scores_and_context():
+    from tests.passes.quantize.graphs import attention
+    proto, calib = attention(), calibration([1, 12, 16])
+    _, plain, _ = _quantize(proto, "quantize", calib)
+    model, out, report = _quantize(proto, "quantize:activation_matmuls=true", calib)
+    # default: only the four weight MatMuls; with the option the two activation MatMuls too
+    assert _ops(plain).count("QuantizeLinear") == 2            # x (shared) and the context
+    assert _ops(out).count("QuantizeLinear") == 2 + 4
+    records = report.passes[-1].details["activation_matmuls"]
+    assert [r["node"] for r in records] == ["scores", "context"]
+    assert all(r["first_dtype"] == "uint8" and r["second_dtype"] == "int8" for r in records)
+    produced = {o: n for n in out.graph.node for o in n.output}
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer}
+    for node in (n for n in out.graph.node if n.name in ("scores", "context")):
+        first, second = (produced[name] for name in node.input)
+        assert first.op_type == second.op_type == "DequantizeLinear"
+        # the second operand is symmetric int8 (zero point 0), what vpdpbusd's signed side needs
+        zero_point = inits[second.input[2]]
+        assert zero_point.dtype == np.int8 and zero_point == 0
+    for i in range(4):
+        x = calib["x"][i:i + 1]
+        ref, = run_onnx(proto, {"x": x})
+        got, = run_onnx(out, {"x": x})
+        without, = run_onnx(plain, {"x": x})
+        assert _relative_error(got, ref) < 0.05
+        assert not np.allclose(got, without)                    # the extra rounding is real
+    _, excluded, _ = _quantize(proto, "quantize:activation_matmuls=true:exclude=scores", calib)
+    assert _ops(excluded).count("QuantizeLinear") == 2 + 2
