@@ -28,7 +28,7 @@ import numpy as np
 
 from .vnni import LANES, QUAD, has_vnni, int8_batch_matmul_vnni
 
-__all__ = ["paired_operands", "emit_int8_pair"]
+__all__ = ["emit_int8_pair", "paired_operands"]
 
 
 def _scalar_params(ctx, dq):

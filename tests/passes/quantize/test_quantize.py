@@ -245,7 +245,7 @@ def test_activation_matmuls_option_quantizes_attention_scores_and_context():
     from tests.passes.quantize.graphs import attention
     proto, calib = attention(), calibration([1, 12, 16])
     _, plain, _ = _quantize(proto, "quantize", calib)
-    model, out, report = _quantize(proto, "quantize:activation_matmuls=true", calib)
+    _, out, report = _quantize(proto, "quantize:activation_matmuls=true", calib)
     # default: only the four weight MatMuls; with the option the two activation MatMuls too
     assert _ops(plain).count("QuantizeLinear") == 2            # x (shared) and the context
     assert _ops(out).count("QuantizeLinear") == 2 + 4
