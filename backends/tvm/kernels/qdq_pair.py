@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .qdq import _const_scalar
 from .vnni import LANES, QUAD, has_vnni, int8_batch_matmul_vnni
 
 __all__ = ["emit_int8_pair", "paired_operands"]
@@ -36,19 +37,10 @@ def _scalar_params(ctx, dq):
     if dq is None or dq.op_type != "DequantizeLinear":
         return None
     q = dq.inputs[0]
-    if str(np.dtype(q.dtype)) not in ("int8", "uint8"):
+    scale, zero = _const_scalar(ctx, dq.input(1), None), _const_scalar(ctx, dq.input(2))
+    if str(np.dtype(q.dtype)) not in ("int8", "uint8") or scale is None or zero is None:
         return None
-    params = []
-    for value, default in ((dq.input(1), None), (dq.input(2), 0)):
-        if value is None:
-            params.append(default)
-            continue
-        if not ctx.is_known(value) or np.asarray(ctx.const(value)).size != 1:
-            return None
-        params.append(np.asarray(ctx.const(value)).reshape(-1)[0].item())
-    if params[0] is None:
-        return None
-    return q, float(params[0]), int(params[1])
+    return q, float(scale), int(zero)
 
 
 def paired_operands(ctx, node):
