@@ -10,12 +10,13 @@ convs; or all layers incl. the 3x3 convs); first and last layers stay dense. Cal
 training images; accuracy on the test split.
 MiniLM (models.minilm): 50% unstructured and 2:4 per method, cosine of sentence embeddings to the
 dense model (mean and worst of 24 sentences), ranking accuracy, plus SparseGPT rows with the
-corrections (sequential, error-correcting targets, bias correction, exact refit, OWL allocation,
-dampening, lazy-batch size) and the reference rows (Q/K left dense, 40%); calibration: `--samples` texts of
-`models.minilm.calibration_npz(corpus=...)` (default: 512 single sentences of English prose,
-disjoint from the evaluation sentences). Every evaluation sentence fits in 32 tokens, so
-`--seq-len 32` gives the same metric as 128 at a quarter of the cost (calibration sentences longer
-than the sequence are truncated, though).
+corrections (sequential, error-correcting targets, bias correction, exact refit, ADMM mask
+search, OWL allocation, allocation from a scan of each layer's own error or of the model's
+output error, dampening, lazy-batch size) and the reference rows (Q/K left dense, 40%);
+calibration: `--samples` texts of `models.minilm.calibration_npz(corpus=...)` (default: 512
+single sentences of English prose, disjoint from the evaluation sentences). Every evaluation
+sentence fits in 32 tokens, so `--seq-len 32` gives the same metric as 128 at a quarter of the
+cost (calibration sentences longer than the sequence are truncated, though).
 `--configs` runs only the MiniLM rows whose labels are given (exact labels, see MINILM_RUNS);
 `--append` adds the new rows to the JSON file instead of replacing it (rows with the same label
 are replaced); `--print-only` prints the tables of the JSON file without running anything.
@@ -55,7 +56,9 @@ SGPT_24 = "sparsify:pattern=nm:nm=2of4:method=sparsegpt"
 EC = "error_correction=true"  # implies sequential
 BIAS = "bias_correction=true"
 REFIT = "refit=true"
+ADMM = "admm=true"  # implies the refit
 OWL = "schedule=owl"
+SCAN = "schedule=output:scan_samples=128:scan_outputs=sentence_embedding"
 MINILM_RUNS = [  # the rows first, then the corrections, then the reference rows
     ("sparsegpt, 50% unstructured", SGPT_50),
     ("sparsegpt, 2:4", SGPT_24),
@@ -70,6 +73,14 @@ MINILM_RUNS = [  # the issue's rows first, then the corrections, then the refere
     ("sparsegpt, 2:4, error-correcting + refit", f"{SGPT_24}:{EC}:{REFIT}"),
     ("sparsegpt, 50% OWL", f"{SGPT_50}:{OWL}"),
     ("sparsegpt, 50% OWL, error-correcting + refit", f"{SGPT_50}:{OWL}:{EC}:{REFIT}"),
+    ("sparsegpt, 50% layer-error scan", f"{SGPT_50}:schedule=sensitivity"),
+    ("sparsegpt, 50% output scan", f"{SGPT_50}:{SCAN}"),
+    ("sparsegpt, 50% output scan, error-correcting + refit", f"{SGPT_50}:{SCAN}:{EC}:{REFIT}"),
+    ("sparsegpt, 50%, error-correcting + ADMM", f"{SGPT_50}:{EC}:{ADMM}"),
+    ("sparsegpt, 2:4, error-correcting + ADMM", f"{SGPT_24}:{EC}:{ADMM}"),
+    ("sparsegpt, 50% output scan, error-correcting + ADMM", f"{SGPT_50}:{SCAN}:{EC}:{ADMM}"),
+    ("sparsegpt, 50% output scan (all outputs), error-correcting + ADMM",
+     f"{SGPT_50}:schedule=output:scan_samples=128:{EC}:{ADMM}"),
     ("sparsegpt, 50%, damp 0.1", f"{SGPT_50}:damp=0.1"),
     ("sparsegpt, 50%, damp 0.001", f"{SGPT_50}:damp=0.001"),
     ("sparsegpt, 2:4, damp 0.1", f"{SGPT_24}:damp=0.1"),

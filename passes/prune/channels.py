@@ -8,11 +8,12 @@ from ir import Model, copy_model, graph_cost, infer_shapes
 
 from ..calibration import capture, token_mask_input
 from ..core import Option, Pass, PassContext, PassResult, register_pass
+from ..output_probe import output_probe
 from .apply import remove_channels
 from .groups import ChannelGroup, analyze_groups
 from .compensate import apply_mean_shifts, mean_shifts
 from .layerwise import (allocate_removals, capture_rows, obs_consumers, obs_prune,
-                        refit_candidates)
+                        output_scan_removals, refit_candidates)
 from .reconstruct import reconstruct_consumers
 from .sensitivity import sensitivity_weights
 
@@ -160,7 +161,9 @@ class PruneChannels(Pass):
     layer (Q/K/V, FFN up) to its original output too. With `schedule=global` each group's share
     comes from its OBS cost curve (normalized by the energy of what the next normalization sees)
     while the totals per kind (heads, other channels) stay at `head_ratio` / `ratio` (so
-    `target_macs` is then met in channels, not exactly in MACs). Groups whose consumers are not
+    `target_macs` is then met in channels, not exactly in MACs); `schedule=output` allocates the
+    same totals from the change of the model's outputs when each group alone is OBS-pruned at a
+    few amounts (on `scan_samples` calibration samples). Groups whose consumers are not
     MatMul/Gemm/Conv fall back to l1.
     """
     name = "prune-channels"
@@ -170,13 +173,17 @@ class PruneChannels(Pass):
         "target_macs": Option(float, 0.0, "fraction of MACs to keep (overrides ratio when > 0)"),
         "criterion": Option(str, "l1", "channel importance", choices=CRITERIA),
         "schedule": Option(str, "uniform", "how ratios spread over groups",
-                           choices=("uniform", "global", "sensitivity")),
+                           choices=("uniform", "global", "sensitivity", "output")),
         "head_ratio": Option(float, -1.0, "fraction of attention heads removed (default: ratio)"),
         "round_to": Option(int, 8, "kept channel counts are multiples of this"),
         "reconstruct": Option(bool, False, "least-squares refit of consumer layers"),
         "compensate": Option(bool, False, "fold the calibration mean of removed channels into "
                              "the consumer's bias"),
         "samples": Option(int, 64, "calibration samples for data-aware steps"),
+        "scan_samples": Option(int, 64, "schedule=output: calibration samples whose outputs "
+                               "are compared"),
+        "scan_outputs": Option(list, [], "schedule=output: graph outputs to compare (empty: "
+                               "every float output)"),
         "sequential": Option(bool, True, "criterion=obs: statistics from the model pruned so "
                              "far, fitted to the original outputs"),
         "target": Option(str, "output", "criterion=obs, sequential: fit the consumers' own "
@@ -200,6 +207,10 @@ class PruneChannels(Pass):
             from ..core import OptionError
             raise OptionError("prune-channels: criterion=obs already refits the consumers; "
                               "drop reconstruct/compensate (and keep damp >= 0)")
+        if self.schedule == "output" and (self.criterion != "obs" or self.scan_samples < 1):
+            from ..core import OptionError
+            raise OptionError("prune-channels: schedule=output needs criterion=obs and "
+                              "scan_samples >= 1")
         groups = analyze_groups(model.graph)
         prunable = [g for g in groups if g.prunable]
         frozen = [g for g in groups if not g.prunable and g.sources]
@@ -252,7 +263,8 @@ class PruneChannels(Pass):
                                       self.samples, mask_name, ctx.seed) if consumers else {}
         planned = [g for g in prunable if g.index in plans]
         removals = {g.index: g.size - counts[g.index] for g in planned}
-        if self.schedule == "global" and planned:
+        measured = None
+        if self.schedule in ("global", "output") and planned:
             head_ratio = self._head_ratio()
             totals: dict[str, int] = {}
             for group in planned:
@@ -260,13 +272,26 @@ class PruneChannels(Pass):
                 totals[group.kind] = totals.get(group.kind, 0) + group.size * share
             totals = {kind: int(round(total)) for kind, total in totals.items()}
             steps = {g.index: _round_unit(g, self.round_to) for g in planned}
-            removals, _ = allocate_removals(planned, plans, reference_rows, totals, steps,
-                                            self.damp, ctx.progress)
+            if self.schedule == "output":
+                probed = [v for plan in plans.values() for c in plan
+                          for v in (c.weight, c.bias) if v is not None]
+                probe = output_probe(model, probed, ctx.require_calibration(model),
+                                     self.scan_samples, mask_name, list(self.scan_outputs),
+                                     "prune-channels")
+                removals, measured = output_scan_removals(planned, plans, reference_rows, totals,
+                                                          steps, self.damp, probe, ctx.progress)
+            else:
+                removals, _ = allocate_removals(planned, plans, reference_rows, totals, steps,
+                                                self.damp, ctx.progress)
             counts = {**counts, **{i: next(g.size for g in planned if g.index == i) - r
                                    for i, r in removals.items()}}
         kept, report = obs_prune(model, planned, plans, removals, reference_rows, ctx,
                                  self.samples, self.damp, self.sequential, mask_name,
                                  self.target == "residual", extra)
+        if measured is not None:
+            for index, errors in measured.items():
+                if index in report:
+                    report[index]["output_scan"] = errors
         return counts, kept, {"planned": set(plans), "groups": list(report.values())}
 
     def _token_mask(self, model: Model) -> str | None:

@@ -20,6 +20,8 @@ greedy OBS removal curve is measured on the original model, its cost normalized 
 the consumers' output (plus the residual stream it is added to, if any: the sum a normalization
 layer then sees), and removals go where the normalized marginal cost is lowest, while the
 total per kind (attention heads / other channels) matches the requested ratios.
+`output_scan_removals` (schedule=output) allocates the same way from measured costs instead:
+the change of the model's outputs when one group alone is pruned (`passes.output_probe`).
 """
 
 from __future__ import annotations
@@ -30,17 +32,20 @@ from ir import Model, to_onnx
 
 from ..calibration import capture_session, make_session
 from ..core import PassContext
+from ..output_probe import OutputProbe
 from .consumers import Consumer, group_consumers, linear_consumer, output_rows, token_rows
 from .groups import ChannelGroup
 from .obs import ConsumerProblem, damped_inverse, greedy_obs, least_squares_start, refit_rows
 
-__all__ = ["obs_consumers", "capture_rows", "allocate_removals", "obs_prune",
-           "refit_candidates"]
+__all__ = ["obs_consumers", "capture_rows", "allocate_removals", "output_scan_removals",
+           "obs_prune", "refit_candidates"]
 
 # Rows kept per calibration feed and consumer at most (a conv layer on a large image has many
 # im2col patches; a seeded subsample, the same for the pruned and the original model, is enough).
 MAX_ROWS_PER_FEED = 4096
 RESIDUAL = "|residual"  # key suffix of a consumer's residual rows in capture_rows' result
+# Removal counts measured per group by the output scan (evenly spread up to the group's limit).
+SCAN_LEVELS = 8
 
 
 def obs_consumers(groups: list[ChannelGroup]) -> dict[int, list[Consumer]]:
@@ -134,9 +139,7 @@ def allocate_removals(groups: list[ChannelGroup], plans: dict[int, list[Consumer
 
     `totals` is the number of units to remove per group kind ("heads", "channels"); `steps`
     the rounding unit of each group's kept count. Curves run on copies: nothing is modified."""
-    limit_fraction = {kind: min(0.95, 2.0 * total / max(1, sum(g.size for g in groups
-                                                               if g.kind == kind)) + 0.1)
-                      for kind, total in totals.items()}
+    limit_fraction = _limit_fractions(groups, totals)
     curves: dict[int, np.ndarray] = {}
     wrapped = progress(groups, total=len(groups), desc="prune-channels: obs curves") \
         if progress else groups
@@ -155,6 +158,69 @@ def allocate_removals(groups: list[ChannelGroup], plans: dict[int, list[Consumer
         limit = int(np.ceil(group.size * limit_fraction[group.kind]))
         _, costs = greedy_obs(problems, group.size, min(limit, group.size - 1))
         curves[group.index] = np.concatenate([[0.0], np.cumsum(costs)]) / (energy + 1e-30)
+    removed = _allocate(groups, curves, totals, steps)
+    cost = {index: float(curves[index][removed[index]]) for index in curves}
+    return removed, cost
+
+
+def _limit_fractions(groups: list[ChannelGroup], totals: dict[str, int]) -> dict[str, float]:
+    """The most of one group a curve is measured for: twice the kind's average share + 10%."""
+    return {kind: min(0.95, 2.0 * total / max(1, sum(g.size for g in groups if g.kind == kind))
+                      + 0.1) for kind, total in totals.items()}
+
+
+def output_scan_removals(groups: list[ChannelGroup], plans: dict[int, list[Consumer]],
+                         rows: dict[str, np.ndarray], totals: dict[str, int],
+                         steps: dict[int, int], damp: float, probe: OutputProbe,
+                         progress=None) -> tuple[dict[int, int], dict[int, dict]]:
+    """Removed units per group (schedule=output with criterion=obs), from the error each group's
+    pruning alone causes at the model's outputs.
+
+    Each group is pruned by greedy OBS on the original model's statistics, its consumers
+    refitted, at up to SCAN_LEVELS removal counts, and `probe` measures the outputs; the
+    consumers are restored after each trial. The costs between measured counts are
+    interpolated, so the allocation keeps the exact per-kind totals. Returns the removals and,
+    per group, the measured {removed units: output error}."""
+    limit_fraction = _limit_fractions(groups, totals)
+    curves: dict[int, np.ndarray] = {}
+    measured: dict[int, dict] = {}
+    wrapped = progress(groups, total=len(groups), desc="prune-channels: output scan") \
+        if progress else groups
+    for group in wrapped:
+        if group.index not in plans or group.kind not in totals:
+            continue
+        consumers = plans[group.index]
+        original = {c.node.name: c.matrix() for c in consumers}
+        systems = _fit_systems(consumers, rows, rows, original, damp, residual=False)
+        problems = [ConsumerProblem(start.copy(), inverse, c.span)
+                    for c, (_, _, _, start, inverse) in zip(consumers, systems)]
+        limit = min(int(np.ceil(group.size * limit_fraction[group.kind])), group.size - 1)
+        allowed = [r for r in _removal_levels(group, steps[group.index], limit) if r > 0]
+        # SCAN_LEVELS counts evenly spread up to the limit (0 itself costs nothing).
+        spread = np.linspace(-1, len(allowed) - 1, SCAN_LEVELS + 1)[1:].round()
+        picks = np.unique(np.clip(spread, 0, None).astype(int)) if allowed else []
+        alive, done, errors = np.ones(group.size, dtype=bool), 0, {0: 0.0}
+        for level in (allowed[i] for i in picks):
+            alive, _ = greedy_obs(problems, group.size, level - done, alive)
+            done = level
+            for consumer, (hessian, cross_target, current, _, _) in zip(consumers, systems):
+                keep_rows = np.ones(len(current), dtype=bool)
+                keep_rows[:group.size * consumer.span] = np.repeat(alive, consumer.span)
+                consumer.write(refit_rows(hessian, cross_target, current, keep_rows, damp))
+            errors[level] = probe.error()
+            for consumer in consumers:
+                consumer.write(original[consumer.node.name])
+        counts = np.array(sorted(errors))
+        values = np.maximum.accumulate([errors[c] for c in counts])  # scan noise: monotone
+        curves[group.index] = np.interp(np.arange(counts[-1] + 1), counts, values)
+        measured[group.index] = {int(c): float(v) for c, v in zip(counts, values)}
+    return _allocate(groups, curves, totals, steps), measured
+
+
+def _allocate(groups: list[ChannelGroup], curves: dict[int, np.ndarray], totals: dict[str, int],
+              steps: dict[int, int]) -> dict[int, int]:
+    """Removed units per group: removals go where curve (cost by removed count) rises least per
+    unit, one allowed level at a time, until each kind's total is reached."""
     removed = {index: 0 for index in curves}
     for kind, total in totals.items():
         members = [g for g in groups if g.index in curves and g.kind == kind]
@@ -180,8 +246,7 @@ def allocate_removals(groups: list[ChannelGroup], plans: dict[int, list[Consumer
             options = [r for r in levels[best] if r > removed[best]]
             done += options[0] - removed[best]
             removed[best] = options[0]
-    cost = {index: float(curves[index][removed[index]]) for index in curves}
-    return removed, cost
+    return removed
 
 
 def _fit_systems(consumers: list[Consumer], rows, reference_rows, original, damp: float,

@@ -12,22 +12,27 @@
   calibration statistic H (error of dW is trace(dW H dW^T) / trace(W H W^T)), then a greedy
   allocation: repeatedly raise the sparsity of the layer whose next step costs the least error
   per weight removed, until the parameter-weighted average reaches the target.
+- output: the same allocation on the error of the model's outputs with one layer sparsified at
+  a time (`passes.output_probe`), at the sparsities OUTPUT_GRID (each point is a model run over
+  the scan samples, so the grid is coarser at the ends and finer where targets usually fall).
 
 The targets are fractions of weights; every function returns one sparsity per layer.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
 __all__ = ["uniform_schedule", "global_schedule", "outlier_schedule", "outlier_ratio",
-           "sensitivity_schedule", "relative_output_error", "GRID", "MAX_LAYER_SPARSITY", "OWL_M"]
+           "sensitivity_schedule", "relative_output_error", "GRID", "OUTPUT_GRID",
+           "MAX_LAYER_SPARSITY", "OWL_M"]
 
 MAX_LAYER_SPARSITY = 0.98
 OWL_M = 5.0  # the outlier threshold of the OWL paper: 5 x the layer's mean score
 GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+OUTPUT_GRID = (0.0, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9)
 
 
 def uniform_schedule(sizes: list[int], target: float) -> list[float]:
@@ -97,9 +102,12 @@ def relative_output_error(weights: np.ndarray, pruned: np.ndarray, hessian: np.n
 
 def sensitivity_schedule(sizes: list[int], target: float,
                          error_at: Callable[[int, float], float],
-                         grid: tuple[float, ...] = GRID) -> tuple[list[float], list[list[float]]]:
-    """(per-layer sparsities, error table [layer][grid point]); error_at(layer, sparsity)."""
-    table = [[0.0 if s == 0 else error_at(layer, s) for s in grid] for layer in range(len(sizes))]
+                         grid: tuple[float, ...] = GRID, layers: Iterable[int] | None = None
+                         ) -> tuple[list[float], list[list[float]]]:
+    """(per-layer sparsities, error table [layer][grid point]); error_at(layer, sparsity).
+    `layers` iterates range(len(sizes)), e.g. wrapped in a progress bar."""
+    layers = range(len(sizes)) if layers is None else layers
+    table = [[0.0 if s == 0 else error_at(layer, s) for s in grid] for layer in layers]
     for row in table:  # errors should not fall as sparsity grows; smooth scan noise
         for i in range(1, len(row)):
             row[i] = max(row[i], row[i - 1])

@@ -8,13 +8,15 @@ from ir import Model, copy_model
 
 from ..calibration import token_mask_input
 from ..core import OptionError, Option, Pass, PassContext, PassResult, register_pass
+from ..output_probe import output_probe
+from .admm import admm_mask
 from .bias import add_output_shift
 from .correction import error_correcting_start, mean_output_shift, paired_output_error
 from .layers import SparsifyTarget, boundary_targets, find_targets
 from .metadata import measured_density, write_sparsity_property
 from .patterns import SparsityPattern, parse_pattern, select_mask
 from .refit import masked_least_squares
-from .schedule import (global_schedule, outlier_schedule, relative_output_error,
+from .schedule import (GRID, OUTPUT_GRID, global_schedule, outlier_schedule, relative_output_error,
                        sensitivity_schedule, uniform_schedule)
 from .sparsegpt import sparsegpt_prune
 from .statistics import InputStatistics, collect_statistics
@@ -26,8 +28,9 @@ __all__ = ["Sparsify"]
 class Sparsify(Pass):
     """Zero a fraction of the weights of MatMul/Gemm/Conv layers (unstructured, RxC blocks or N:M),
     chosen by magnitude, Wanda (|W| x input norm) or SparseGPT (pruning with second-order
-    reconstruction from calibration data); the sparsity per layer is uniform, set by one global
-    threshold, or allocated from a per-layer sensitivity scan. Weights stay dense with zeros; each
+    reconstruction from calibration data, optionally followed by an ADMM mask search); the
+    sparsity per layer is uniform, set by one global threshold, or allocated from a scan of each
+    layer's own error or of the model's output error. Weights stay dense with zeros; each
     records its pattern and density in the IR and in the model property `compress.sparsity`.
 
     Patterns are stated on the weight viewed as W[out, in] (MatMul's [K, N] and Gemm's transB=0
@@ -41,8 +44,15 @@ class Sparsify(Pass):
     from the model already sparsified up to it; `error_correction` (SparseGPT) also fits the
     original model's outputs from those inputs (GPTAQ's asymmetric calibration);
     `bias_correction` adds each layer's mean output change back to its bias; `refit` solves the
-    masked least-squares problem of every row once SparseGPT chose the mask; `schedule=owl`
+    masked least-squares problem of every row once SparseGPT chose the mask; `admm` searches a
+    better mask from there (ADMM on the layer's output error, as in ALPS) and then refits;
+    `schedule=owl`
     gives layers with more outlier Wanda scores less sparsity at the same total.
+
+    `schedule=sensitivity` scans each layer's own output error; `schedule=output` scans what
+    reaches the model's outputs: each layer alone is sparsified (by `method`) at a grid of
+    sparsities and the relative change of the graph outputs on `scan_samples` calibration
+    samples is measured, then sparsity goes where it costs the least output error per weight.
     """
     name = "sparsify"
     options = {
@@ -53,7 +63,7 @@ class Sparsify(Pass):
         "method": Option(str, "magnitude", "which weights to zero",
                          choices=("magnitude", "wanda", "sparsegpt")),
         "schedule": Option(str, "uniform", "sparsity per layer",
-                           choices=("uniform", "global", "sensitivity", "owl")),
+                           choices=("uniform", "global", "sensitivity", "output", "owl")),
         "owl_spread": Option(float, 0.08, "schedule=owl: layer sparsities span target +- this"),
         "exclude": Option(list, [], "node names, weight names, op types or globs to leave dense"),
         "include_first_last": Option(bool, False, "also sparsify the first and last layers"),
@@ -62,6 +72,10 @@ class Sparsify(Pass):
         "min_size": Option(int, 128, "leave weights with fewer elements dense"),
         "per_row": Option(bool, False, "unstructured: prune the same fraction of every output row"),
         "samples": Option(int, 64, "calibration samples for wanda / sparsegpt / sensitivity"),
+        "scan_samples": Option(int, 64, "schedule=output: calibration samples whose outputs "
+                               "are compared"),
+        "scan_outputs": Option(list, [], "schedule=output: graph outputs to compare (empty: "
+                               "every float output)"),
         "damp": Option(float, 0.01, "sparsegpt: Hessian dampening, fraction of its mean diagonal"),
         "sequential": Option(bool, False, "wanda/sparsegpt: gather each layer's inputs from the "
                              "model with the layers before it already sparsified"),
@@ -73,6 +87,8 @@ class Sparsify(Pass):
                                   "bias"),
         "refit": Option(bool, False, "sparsegpt: once the mask is chosen, solve each row's "
                         "masked least-squares problem exactly (slower, lower layer error)"),
+        "admm": Option(bool, False, "sparsegpt: search the mask further by ADMM on the layer's "
+                       "output error, then refit (slower, lower layer error)"),
         "block_columns": Option(int, 128, "sparsegpt: columns per lazy batch; the unstructured "
                                 "mask is chosen per batch"),
         "token_mask": Option(str, "auto", "graph input whose 0s mark padding tokens to leave out "
@@ -83,11 +99,11 @@ class Sparsify(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         if not 0.0 <= self.sparsity < 1.0:
             raise OptionError(f"sparsify: sparsity={self.sparsity} must be in [0, 1)")
-        for option in ("error_correction", "refit"):
+        for option in ("error_correction", "refit", "admm"):
             if getattr(self, option) and self.method != "sparsegpt":
                 raise OptionError(f"sparsify: {option}=true needs method=sparsegpt")
-        if self.block_columns < 1:
-            raise OptionError(f"sparsify: block_columns={self.block_columns} must be >= 1")
+        if self.block_columns < 1 or self.scan_samples < 1:
+            raise OptionError("sparsify: block_columns and scan_samples must be >= 1")
         pattern = parse_pattern(self.pattern, self.block, self.nm)
         kernels = {_parse_kernel(k) for k in self.kernels}
         targets, skipped = self._select(model, kernels)
@@ -105,7 +121,7 @@ class Sparsify(Pass):
         stats = self._statistics(model, ctx, targets, full=self.schedule == "sensitivity") \
             if (self.schedule != "uniform" or not sequential) else [None] * len(targets)
         scores = [self._scores(t, s) for t, s in zip(targets, stats)]
-        sparsities, scan = self._schedule(pattern, targets, scores, stats, notes)
+        sparsities, scan = self._schedule(model, ctx, pattern, targets, scores, stats, notes)
 
         layers = []
         # Sequential: each stage (the layers reading one tensor, e.g. Q/K/V) sees the outputs of
@@ -137,7 +153,8 @@ class Sparsify(Pass):
         details = {"pattern": pattern.describe(), "method": self.method,
                    "schedule": self.schedule, "layers": layers, "skipped": skipped}
         if scan is not None:
-            details["sensitivity"] = scan
+            details["sensitivity"] = scan["layers"]
+            details["sensitivity_grid"] = scan["grid"]
         return PassResult(changed=bool(layers), notes=notes, details=details)
 
     # -- which layers ----------------------------------------------------------------------------
@@ -189,7 +206,7 @@ class Sparsify(Pass):
             magnitude[rows] *= stat.column_norms(group)[None, :]
         return magnitude
 
-    def _schedule(self, pattern, targets, scores, stats, notes):
+    def _schedule(self, model, ctx, pattern, targets, scores, stats, notes):
         if pattern.kind == "n:m":
             if self.schedule != "uniform" or self.sparsity != self.options["sparsity"].default:
                 notes.append(f"sparsify: {pattern} fixes every layer's density at "
@@ -203,16 +220,32 @@ class Sparsify(Pass):
         if self.schedule == "owl":
             return outlier_schedule(scores, sizes, self.sparsity, self.owl_spread), None
 
-        def error_at(layer: int, sparsity: float) -> float:
-            target, stat = targets[layer], stats[layer]
-            weights = target.matrix()
-            pruned = weights * self._mask(target, pattern, scores[layer], sparsity)
-            return _layer_error(target, stat, weights, pruned)
+        if self.schedule == "output":
+            calibration = ctx.require_calibration(model, samples=self.samples)
+            probe = output_probe(model, [t.weight for t in targets], calibration,
+                                 self.scan_samples, self._token_mask(model),
+                                 list(self.scan_outputs), "sparsify")
 
-        sparsities, table = sensitivity_schedule(sizes, self.sparsity, error_at)
-        scan = {t.node.name: {"errors": [round(e, 6) for e in row], "sparsity": s}
+            def error_at(layer: int, sparsity: float) -> float:
+                target = targets[layer]
+                pruned = self._prune(target, pattern, scores[layer], stats[layer], sparsity,
+                                     corrections=False)
+                return probe.error({target.weight.name: target.from_matrix(pruned)})
+            grid = OUTPUT_GRID
+        else:
+            def error_at(layer: int, sparsity: float) -> float:
+                target, stat = targets[layer], stats[layer]
+                weights = target.matrix()
+                pruned = weights * self._mask(target, pattern, scores[layer], sparsity)
+                return _layer_error(target, stat, weights, pruned)
+            grid = GRID
+
+        progress = ctx.progress(range(len(targets)), total=len(targets),
+                                desc=f"sparsify: {self.schedule} scan")
+        sparsities, table = sensitivity_schedule(sizes, self.sparsity, error_at, grid, progress)
+        scan = {t.node.name: {"errors": [float(f"{e:.4g}") for e in row], "sparsity": s}
                 for t, row, s in zip(targets, table, sparsities)}
-        return sparsities, scan
+        return sparsities, {"grid": list(grid), "layers": scan}
 
     # -- rewrite ---------------------------------------------------------------------------------
     def _mask(self, target, pattern: SparsityPattern, score: np.ndarray, sparsity: float):
@@ -221,22 +254,33 @@ class Sparsify(Pass):
             keep[rows] = select_mask(score[rows], pattern, sparsity, per_row=self.per_row)
         return keep
 
+    def _prune(self, target: SparsifyTarget, pattern, score, stat, sparsity,
+               corrections: bool = True) -> np.ndarray:
+        """The [out, in] weight view with `sparsity` of it zeroed by the method (SparseGPT also
+        updates the rest; `corrections` adds error_correction / refit / admm when they are on)."""
+        weights = target.matrix()
+        if self.method != "sparsegpt":
+            return weights * self._mask(target, pattern, score, sparsity)
+        pruned = weights.copy()
+        for group, rows in enumerate(target.row_groups()):
+            start = weights[rows]
+            if corrections and self.error_correction:
+                start = error_correcting_start(start, stat.hessian(group), stat.cross(group),
+                                               self.damp)
+            pruned[rows] = sparsegpt_prune(start, stat.hessian(group), pattern, sparsity,
+                                           damp=self.damp, block_columns=self.block_columns)
+            if corrections and (self.refit or self.admm):
+                keep = pruned[rows] != 0
+                if self.admm:
+                    keep = admm_mask(start, stat.hessian(group), pattern, sparsity,
+                                     masked_least_squares(start, stat.hessian(group), keep,
+                                                          self.damp), self.damp, self.per_row)
+                pruned[rows] = masked_least_squares(start, stat.hessian(group), keep, self.damp)
+        return pruned
+
     def _apply(self, model, target: SparsifyTarget, pattern, score, stat, sparsity) -> dict:
         weights = target.matrix()
-        if self.method == "sparsegpt":
-            pruned = weights.copy()
-            for group, rows in enumerate(target.row_groups()):
-                start = weights[rows]
-                if self.error_correction:
-                    start = error_correcting_start(start, stat.hessian(group), stat.cross(group),
-                                                   self.damp)
-                pruned[rows] = sparsegpt_prune(start, stat.hessian(group), pattern, sparsity,
-                                               damp=self.damp, block_columns=self.block_columns)
-                if self.refit:
-                    pruned[rows] = masked_least_squares(start, stat.hessian(group),
-                                                        pruned[rows] != 0, self.damp)
-        else:
-            pruned = weights * self._mask(target, pattern, score, sparsity)
+        pruned = self._prune(target, pattern, score, stat, sparsity)
         shifted = None
         if self.bias_correction:
             shift = np.concatenate([

@@ -169,6 +169,49 @@ def test_global_allocation_removes_redundant_units_first_and_keeps_the_total():
                                                                      (1, 8, 8)) * 1.05
 
 
+def _loud_and_quiet(width=32, seq=8):
+    """y = FFN_loud(x) + 0.01 * FFN_quiet(x): two alike Relu FFN blocks side by side."""
+    w, nodes = {}, []
+    for name in ("loud", "quiet"):
+        w[f"u_{name}"] = RNG.standard_normal((8, width)) / np.sqrt(8)
+        w[f"d_{name}"] = RNG.standard_normal((width, 8)) / np.sqrt(width)
+        nodes += [helper.make_node("MatMul", ["x", f"u_{name}"], [f"h_{name}"]),
+                  helper.make_node("Relu", [f"h_{name}"], [f"r_{name}"]),
+                  helper.make_node("MatMul", [f"r_{name}", f"d_{name}"], [f"o_{name}"])]
+    w["scale"] = np.array(0.01)
+    nodes += [helper.make_node("Mul", ["o_quiet", "scale"], ["o_small"]),
+              helper.make_node("Add", ["o_loud", "o_small"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "loud_quiet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, 8])],
+        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in w.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_output_scan_allocation_prunes_what_the_output_does_not_see():
+    # Each block's own OBS cost curve looks alike; only the model's output shows that the quiet
+    # block reaches y at 1/100 of the scale, so schedule=output takes the units from it.
+    original = _loud_and_quiet()
+    calib = {"x": RNG.standard_normal((64, 1, 8, 8)).astype(np.float32)}
+    spec = "prune-channels:ratio=0.5:round_to=4:criterion=obs:samples=64"
+    model = ir.load_model(original)
+    report = passes.compress(model, spec + ":schedule=output:scan_samples=16", calibration=calib)
+    details = report.passes[-1].details
+    loud, quiet = (g["kept"] for g in details["kept_per_group"])
+    assert loud + quiet == 32 and loud % 4 == 0 and quiet % 4 == 0
+    assert quiet <= 4 and loud >= 28
+    scans = [g["output_scan"] for g in details["obs"]]
+    assert all(s[0] == 0.0 and list(s) == sorted(s) and np.all(np.diff(list(s.values())) >= 0)
+               for s in scans)
+    pruned = ir.to_onnx(model)
+    global_alloc = passes.apply(original, spec + ":schedule=global", calibration=calib)
+    assert _error(original, pruned, (1, 8, 8)) < 0.5 * _error(original, global_alloc, (1, 8, 8))
+    with pytest.raises(OptionError):
+        passes.apply(original, "prune-channels:criterion=l1:schedule=output")
+    with pytest.raises(OptionError, match="scan_outputs"):
+        passes.apply(original, spec + ":schedule=output:scan_outputs=z", calibration=calib)
+
+
 def test_obs_rejects_reconstruct_and_unknown_token_mask():
     with pytest.raises(OptionError):
         passes.apply(_mlp(), "prune-channels:criterion=obs:reconstruct=true")

@@ -101,9 +101,80 @@ def test_sensitivity_scan_meets_target():
     assert all(np.all(np.diff(scan[n]["errors"]) >= 0) for n in scan)
 
 
+def _quiet_branch_net():
+    """fc0 -> Relu -> (fcA + 0.01 * fcB) -> fc_out: fcA and fcB are alike, but fcB's output
+    reaches y at 1/100 of the scale."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(11)
+    shapes = {"w0": (16, 32), "wa": (32, 32), "wb": (32, 32), "wo": (32, 8)}
+    inits = [numpy_helper.from_array((rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32),
+                                     n) for n, s in shapes.items()]
+    inits.append(numpy_helper.from_array(np.array(0.01, np.float32), "quiet"))
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["m0"], name="fc0"),
+             helper.make_node("Relu", ["m0"], ["h0"], name="relu0"),
+             helper.make_node("MatMul", ["h0", "wa"], ["a"], name="fcA"),
+             helper.make_node("MatMul", ["h0", "wb"], ["b"], name="fcB"),
+             helper.make_node("Mul", ["b", "quiet"], ["b_small"], name="scale"),
+             helper.make_node("Add", ["a", "b_small"], ["s"], name="add"),
+             helper.make_node("MatMul", ["s", "wo"], ["y"], name="fc_out")]
+    graph = helper.make_graph(
+        nodes, "quiet_branch", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
+def test_output_scan_sparsifies_what_the_output_does_not_see(method):
+    # Both middle layers have the same own error at any sparsity; only the output scan sees
+    # that fcB's output is scaled by 0.01 before it reaches y, so fcB takes the sparsity.
+    model, report = _compress(_quiet_branch_net(), f"sparsify:sparsity=0.5:schedule=output:"
+                                                  f"method={method}:min_size=0:scan_samples=8")
+    details = report.passes[0].details
+    scan = details["sensitivity"]
+    assert set(scan) == {"fcA", "fcB"}
+    assert details["sensitivity_grid"][0] == 0.0
+    assert scan["fcB"]["sparsity"] >= 0.8 and scan["fcA"]["sparsity"] <= 0.3
+    assert scan["fcB"]["errors"][-1] < scan["fcA"]["errors"][1]
+    assert all(np.all(np.diff(scan[n]["errors"]) >= 0) for n in scan)
+    layers = {layer["node"]: layer for layer in details["layers"]}
+    assert 1 - layers["fcB"]["density"] == pytest.approx(scan["fcB"]["sparsity"], abs=0.02)
+    zeros = sum(layer["size"] * (1 - layer["density"]) for layer in layers.values())
+    assert zeros / sum(layer["size"] for layer in layers.values()) >= 0.5 - 0.02
+    # The layer-wise scan cannot tell the two apart.
+    _, report = _compress(_quiet_branch_net(), f"sparsify:sparsity=0.5:schedule=sensitivity:"
+                                               f"method={method}:min_size=0")
+    layer_scan = report.passes[0].details["sensitivity"]
+    assert abs(layer_scan["fcA"]["sparsity"] - layer_scan["fcB"]["sparsity"]) <= 0.2
+
+
+@pytest.mark.parametrize("pattern", ["sparsity=0.5", "pattern=nm:nm=2of4"])
+def test_admm_lowers_the_layer_errors_of_refit(pattern):
+    spec = f"sparsify:{pattern}:method=sparsegpt:min_size=0:include_first_last=true"
+    errors = {}
+    for option in ("refit=true", "admm=true"):
+        model, report = _compress(mlp(seed=3), f"{spec}:{option}")
+        layers = report.passes[0].details["layers"]
+        errors[option] = sum(layer["output_error"] for layer in layers)
+        assert all(layer["density"] == pytest.approx(0.5, abs=0.01) for layer in layers)
+        if "nm" in pattern:
+            assert all((nm_group_nonzeros(info_weight, 4) <= 2).all()
+                       for info_weight in _sparse_weights(model))
+    assert errors["admm=true"] < errors["refit=true"], errors
+
+
+def _sparse_weights(model):
+    """The sparsified weights in their [out, in] view (MatMul stores [in, out])."""
+    return [v.const.T for v in model.graph.values().values()
+            if v.is_constant and "sparsity" in (v.meta or {})]
+
+
 def test_bad_options_raise_option_error():
     for spec in ("sparsify:sparsity=1.5", "sparsify:pattern=diagonal", "sparsify:kernels=3by3",
-                 "sparsify:token_mask=nope:method=wanda"):
+                 "sparsify:token_mask=nope:method=wanda",
+                 "sparsify:schedule=output:scan_samples=0", "sparsify:admm=true",
+                 "sparsify:schedule=output:scan_outputs=nope"):
         with pytest.raises(OptionError):
             _compress(mlp(), spec + ":min_size=0")
 
