@@ -19,7 +19,8 @@ import onnx
 
 from ir import CompressError, Model, to_onnx
 
-__all__ = ["CalibrationSet", "capture", "capture_session", "make_session", "token_mask_input"]
+__all__ = ["CalibrationSet", "capture", "capture_session", "make_session", "real_token_rows",
+           "token_mask_input"]
 
 
 class CalibrationSet:
@@ -137,6 +138,16 @@ def token_mask_input(model: Model, option: str, pass_name: str) -> str | None:
         raise OptionError(f"{pass_name}: token_mask={option!r} is not a graph input "
                           f"(inputs: {', '.join(names)})")
     return option
+
+
+def real_token_rows(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """`array` without the positions where the token mask is 0, when its leading dims are the
+    mask's ([batch, seq, ...] under a [batch, seq] mask gives [real tokens, ...]); otherwise
+    `array` unchanged. Padding tokens never reach a pooled output, so statistics and errors
+    leave them out."""
+    if mask is not None and array.ndim > mask.ndim and array.shape[:mask.ndim] == mask.shape:
+        return array[np.asarray(mask).astype(bool)]
+    return array
 
 
 def make_session(proto: onnx.ModelProto):

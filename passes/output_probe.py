@@ -21,7 +21,7 @@ import onnx
 
 from ir import Model, Value, to_onnx
 
-from .calibration import CalibrationSet, make_session
+from .calibration import CalibrationSet, make_session, real_token_rows
 
 __all__ = ["OutputProbe", "output_probe"]
 
@@ -74,7 +74,8 @@ class OutputProbe:
         results = []
         for feed, mask in zip(self.feeds, self.masks):
             outputs = self.session.run(self.outputs, {**feed, **constants})
-            results.append([_real_rows(np.asarray(y, dtype=np.float64), mask) for y in outputs])
+            results.append([real_token_rows(np.asarray(y, dtype=np.float64), mask)
+                            for y in outputs])
         return results
 
 
@@ -87,10 +88,3 @@ def output_probe(model: Model, values: list[Value], calibration: CalibrationSet,
         return OutputProbe(model, values, calibration, samples, mask_name, outputs or None)
     except KeyError as exc:
         raise OptionError(f"{pass_name}: scan_outputs: {exc.args[0]}") from None
-
-
-def _real_rows(output: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    if (mask is not None and output.ndim > mask.ndim
-            and output.shape[:mask.ndim] == mask.shape):
-        return output[mask.astype(bool)]
-    return output

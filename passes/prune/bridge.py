@@ -17,7 +17,7 @@ import numpy as np
 
 from ir import Graph, Model, Value
 
-from ..calibration import capture_session
+from ..calibration import capture_session, real_token_rows
 from ..core import OptionError
 
 __all__ = ["fit_bridge", "insert_bridge", "bridge_rows"]
@@ -31,9 +31,7 @@ def bridge_rows(model: Model, names: list[str], calibration, samples: int,
     for feed in calibration.feeds(model, samples):
         mask = np.asarray(feed[mask_name]) != 0 if mask_name in feed else None
         for name, value in zip(names, session.run(names, feed)):
-            if (mask is not None and value.ndim > mask.ndim
-                    and value.shape[:mask.ndim] == mask.shape):
-                value = value[mask]
+            value = real_token_rows(value, mask)
             rows[name].append(value.reshape(-1, value.shape[-1]).astype(np.float32))
     return {name: np.concatenate(parts) for name, parts in rows.items()}
 

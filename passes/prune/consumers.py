@@ -22,6 +22,7 @@ import numpy as np
 
 from ir import Node, Value
 
+from ..calibration import real_token_rows
 from .compensate import _bias_slot
 from .groups import Action, ChannelGroup
 from .reconstruct import _conv_geometry, im2col
@@ -70,9 +71,7 @@ class Consumer:
         if self.node.op_type == "Conv":
             rows = im2col(activation, *_conv_geometry(self.node, self.weight.const))
         else:
-            if (token_mask is not None and activation.ndim > token_mask.ndim
-                    and activation.shape[:token_mask.ndim] == token_mask.shape):
-                activation = activation[token_mask.astype(bool)]
+            activation = real_token_rows(activation, token_mask)
             rows = activation.reshape(-1, activation.shape[-1])
         return rows
 
@@ -83,9 +82,7 @@ def output_rows(activation: np.ndarray, token_mask: np.ndarray | None,
     design rows (im2col positions for Conv, tokens otherwise)."""
     if conv:
         return np.moveaxis(activation, 1, -1).reshape(-1, activation.shape[1])
-    if (token_mask is not None and activation.ndim > token_mask.ndim
-            and activation.shape[:token_mask.ndim] == token_mask.shape):
-        activation = activation[token_mask.astype(bool)]
+    activation = real_token_rows(activation, token_mask)
     return activation.reshape(-1, activation.shape[-1])
 
 
