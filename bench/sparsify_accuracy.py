@@ -59,6 +59,7 @@ REFIT = "refit=true"
 ADMM = "admm=true"  # implies the refit
 OWL = "schedule=owl"
 SCAN = "schedule=output:scan_samples=128:scan_outputs=sentence_embedding"
+FINE = "scan_grid=0.2+0.3+0.4+0.5+0.55+0.6+0.65+0.7+0.8+0.9"  # the first default grid
 MINILM_RUNS = [  # the rows first, then the corrections, then the reference rows
     ("sparsegpt, 50% unstructured", SGPT_50),
     ("sparsegpt, 2:4", SGPT_24),
@@ -75,12 +76,14 @@ MINILM_RUNS = [  # the issue's rows first, then the corrections, then the refere
     ("sparsegpt, 50% OWL, error-correcting + refit", f"{SGPT_50}:{OWL}:{EC}:{REFIT}"),
     ("sparsegpt, 50% layer-error scan", f"{SGPT_50}:schedule=sensitivity"),
     ("sparsegpt, 50% output scan", f"{SGPT_50}:{SCAN}"),
-    ("sparsegpt, 50% output scan, error-correcting + refit", f"{SGPT_50}:{SCAN}:{EC}:{REFIT}"),
+    ("sparsegpt, 50% output scan (10-point grid)", f"{SGPT_50}:{SCAN}:{FINE}"),
     ("sparsegpt, 50%, error-correcting + ADMM", f"{SGPT_50}:{EC}:{ADMM}"),
     ("sparsegpt, 2:4, error-correcting + ADMM", f"{SGPT_24}:{EC}:{ADMM}"),
     ("sparsegpt, 50% output scan, error-correcting + ADMM", f"{SGPT_50}:{SCAN}:{EC}:{ADMM}"),
-    ("sparsegpt, 50% output scan (all outputs), error-correcting + ADMM",
-     f"{SGPT_50}:schedule=output:scan_samples=128:{EC}:{ADMM}"),
+    ("sparsegpt, 50% output scan (10-point grid), error-correcting + ADMM",
+     f"{SGPT_50}:{SCAN}:{FINE}:{EC}:{ADMM}"),
+    ("sparsegpt, 50% output scan (10-point grid, all outputs), error-correcting + ADMM",
+     f"{SGPT_50}:schedule=output:scan_samples=128:{FINE}:{EC}:{ADMM}"),
     ("sparsegpt, 50%, damp 0.1", f"{SGPT_50}:damp=0.1"),
     ("sparsegpt, 50%, damp 0.001", f"{SGPT_50}:damp=0.001"),
     ("sparsegpt, 2:4, damp 0.1", f"{SGPT_24}:damp=0.1"),

@@ -16,8 +16,8 @@ from .layers import SparsifyTarget, boundary_targets, find_targets
 from .metadata import measured_density, write_sparsity_property
 from .patterns import SparsityPattern, parse_pattern, select_mask
 from .refit import masked_least_squares
-from .schedule import (GRID, OUTPUT_GRID, global_schedule, outlier_schedule, relative_output_error,
-                       sensitivity_schedule, uniform_schedule)
+from .schedule import (GRID, global_schedule, outlier_schedule, relative_output_error,
+                       output_grid, sensitivity_schedule, uniform_schedule)
 from .sparsegpt import sparsegpt_prune
 from .statistics import InputStatistics, collect_statistics
 
@@ -76,6 +76,8 @@ class Sparsify(Pass):
                                "are compared"),
         "scan_outputs": Option(list, [], "schedule=output: graph outputs to compare (empty: "
                                "every float output)"),
+        "scan_grid": Option(list, [], "schedule=output: the sparsities each layer is measured "
+                            "at, e.g. 0.3+0.5+0.7 (empty: target -0.2, +0, +0.1, +0.2, +0.3)"),
         "damp": Option(float, 0.01, "sparsegpt: Hessian dampening, fraction of its mean diagonal"),
         "sequential": Option(bool, False, "wanda/sparsegpt: gather each layer's inputs from the "
                              "model with the layers before it already sparsified"),
@@ -231,7 +233,7 @@ class Sparsify(Pass):
                 pruned = self._prune(target, pattern, scores[layer], stats[layer], sparsity,
                                      corrections=False)
                 return probe.error({target.weight.name: target.from_matrix(pruned)})
-            grid = OUTPUT_GRID
+            grid = self._scan_grid()
         else:
             def error_at(layer: int, sparsity: float) -> float:
                 target, stat = targets[layer], stats[layer]
@@ -246,6 +248,18 @@ class Sparsify(Pass):
         scan = {t.node.name: {"errors": [float(f"{e:.4g}") for e in row], "sparsity": s}
                 for t, row, s in zip(targets, table, sparsities)}
         return sparsities, {"grid": list(grid), "layers": scan}
+
+    def _scan_grid(self) -> tuple[float, ...]:
+        if not self.scan_grid:
+            return output_grid(self.sparsity)
+        try:
+            points = sorted({0.0, *(float(p) for p in self.scan_grid)})
+        except ValueError:
+            points = [-1.0]
+        if not all(0.0 <= p < 1.0 for p in points):
+            raise OptionError(f"sparsify: scan_grid={'+'.join(self.scan_grid)} must list "
+                              "sparsities in [0, 1), e.g. 0.3+0.5+0.7")
+        return tuple(points)
 
     # -- rewrite ---------------------------------------------------------------------------------
     def _mask(self, target, pattern: SparsityPattern, score: np.ndarray, sparsity: float):

@@ -142,6 +142,11 @@ def test_output_scan_sparsifies_what_the_output_does_not_see(method):
     assert 1 - layers["fcB"]["density"] == pytest.approx(scan["fcB"]["sparsity"], abs=0.02)
     zeros = sum(layer["size"] * (1 - layer["density"]) for layer in layers.values())
     assert zeros / sum(layer["size"] for layer in layers.values()) >= 0.5 - 0.02
+    # A grid of the user's: 0 is added, the points come back sorted.
+    _, report = _compress(_quiet_branch_net(), f"sparsify:sparsity=0.5:schedule=output:"
+                                               f"method={method}:min_size=0:scan_grid=0.8+0.3")
+    assert report.passes[0].details["sensitivity_grid"] == [0.0, 0.3, 0.8]
+    assert report.passes[0].details["sensitivity"]["fcB"]["sparsity"] == 0.8
     # The layer-wise scan cannot tell the two apart.
     _, report = _compress(_quiet_branch_net(), f"sparsify:sparsity=0.5:schedule=sensitivity:"
                                                f"method={method}:min_size=0")
@@ -174,7 +179,9 @@ def test_bad_options_raise_option_error():
     for spec in ("sparsify:sparsity=1.5", "sparsify:pattern=diagonal", "sparsify:kernels=3by3",
                  "sparsify:token_mask=nope:method=wanda",
                  "sparsify:schedule=output:scan_samples=0", "sparsify:admm=true",
-                 "sparsify:schedule=output:scan_outputs=nope"):
+                 "sparsify:schedule=output:scan_outputs=nope",
+                 "sparsify:schedule=output:scan_grid=0.5+1.5",
+                 "sparsify:schedule=output:scan_grid=x"):
         with pytest.raises(OptionError):
             _compress(mlp(), spec + ":min_size=0")
 
