@@ -9,9 +9,9 @@ sparsified, one group pruned) only feeds other arrays: no re-export, no new sess
 
 The error is the relative squared change of the graph's float outputs (or of the ones named,
 e.g. only the pooled embedding of a model that also returns per-token states), averaged over
-outputs: sum ||y' - y||^2 / sum ||y||^2 over the calibration feeds. Rows of outputs that are laid out per
-token ([batch, seq, ...] like the token mask input) are left out where the mask is 0: padding
-positions never reach a pooled result.
+outputs: sum ||y' - y||^2 / sum ||y||^2 over the calibration feeds. Rows of outputs that are
+laid out per token ([batch, seq, ...] like the token mask input) are left out where the mask is
+0: padding positions never reach a pooled result.
 """
 
 from __future__ import annotations
