@@ -14,19 +14,26 @@ from models.minilm import calibration_npz, cosine_to_reference, model_path
 MEASURED_COSINE = 0.8623
 
 
-@pytest.mark.slow
-def test_obs_keeps_minilm_embeddings(tmp_path):
-    reference = model_path(seq_len=32)
-    calib = calibration_npz(tmp_path / "calib.npz", n=128, seq_len=32, corpus="prose")
+def _prune_minilm(tmp_path, seq_len: int, samples: int, options: str):
+    """MiniLM with 25% of its heads and 30% of its FFN units removed by criterion=obs; checks
+    the totals and returns (model, report, reference path)."""
+    reference = model_path(seq_len=seq_len)
+    calib = calibration_npz(tmp_path / "calib.npz", n=samples, seq_len=seq_len, corpus="prose")
     model = ir.load_model(reference)
     report = passes.compress(model, "prune-channels:ratio=0.3:head_ratio=0.25:criterion=obs:"
-                             "samples=128:target=residual:schedule=global", calibration=calib)
+                             f"samples={samples}:{options}", calibration=calib)
     groups = report.passes[-1].details["kept_per_group"]
     heads = [g for g in groups if g["kind"] == "heads"]
     units = [g for g in groups if g["kind"] != "heads"]
     assert len(heads) == len(units) == 6
     assert sum(g["kept"] for g in heads) == 54  # 72 heads - 25%
     assert abs(sum(g["kept"] for g in units) - 0.7 * 6 * 1536) <= 8  # rounded to steps of 8
+    return model, report, reference
+
+
+@pytest.mark.slow
+def test_obs_keeps_minilm_embeddings(tmp_path):
+    model, _, reference = _prune_minilm(tmp_path, 32, 128, "target=residual:schedule=global")
     cosine = cosine_to_reference(ir.to_onnx(model), reference)["cosine_mean"]
     l1 = ir.load_model(reference)
     passes.compress(l1, "prune-channels:ratio=0.3:head_ratio=0.25:criterion=l1")
@@ -40,15 +47,8 @@ OUTPUT_SCAN_COSINE = 0.9218
 
 @pytest.mark.slow
 def test_output_scan_allocation_at_the_measured_level(tmp_path):
-    reference = model_path(seq_len=64)
-    calib = calibration_npz(tmp_path / "calib.npz", n=512, seq_len=64, corpus="prose")
-    model = ir.load_model(reference)
-    report = passes.compress(model, "prune-channels:ratio=0.3:head_ratio=0.25:criterion=obs:"
-                             "samples=512:sequential=false:schedule=output:"
-                             "scan_outputs=sentence_embedding", calibration=calib)
-    groups = report.passes[-1].details["kept_per_group"]
-    assert sum(g["kept"] for g in groups if g["kind"] == "heads") == 54
-    assert abs(sum(g["kept"] for g in groups if g["kind"] != "heads") - 0.7 * 6 * 1536) <= 8
+    model, report, reference = _prune_minilm(
+        tmp_path, 64, 512, "sequential=false:schedule=output:scan_outputs=sentence_embedding")
     pruned = report.passes[-1].details["obs"]  # the groups that lost units
     assert len(pruned) >= 10 and all("output_scan" in g for g in pruned)
     cosine = cosine_to_reference(ir.to_onnx(model), reference)["cosine_mean"]
