@@ -277,19 +277,18 @@ class Sparsify(Pass):
             return weights * self._mask(target, pattern, score, sparsity)
         pruned = weights.copy()
         for group, rows in enumerate(target.row_groups()):
-            start = weights[rows]
+            start, hessian = weights[rows], stat.hessian(group)
             if corrections and self.error_correction:
-                start = error_correcting_start(start, stat.hessian(group), stat.cross(group),
-                                               self.damp)
-            pruned[rows] = sparsegpt_prune(start, stat.hessian(group), pattern, sparsity,
-                                           damp=self.damp, block_columns=self.block_columns)
+                start = error_correcting_start(start, hessian, stat.cross(group), self.damp)
+            pruned[rows] = sparsegpt_prune(start, hessian, pattern, sparsity, damp=self.damp,
+                                           block_columns=self.block_columns)
             if corrections and (self.refit or self.admm):
                 keep = pruned[rows] != 0
                 if self.admm:
-                    keep = admm_mask(start, stat.hessian(group), pattern, sparsity,
-                                     masked_least_squares(start, stat.hessian(group), keep,
-                                                          self.damp), self.damp, self.per_row)
-                pruned[rows] = masked_least_squares(start, stat.hessian(group), keep, self.damp)
+                    refit = masked_least_squares(start, hessian, keep, self.damp)
+                    keep = admm_mask(start, hessian, pattern, sparsity, refit, self.damp,
+                                     self.per_row)
+                pruned[rows] = masked_least_squares(start, hessian, keep, self.damp)
         return pruned
 
     def _apply(self, model, target: SparsifyTarget, pattern, score, stat, sparsity) -> dict:
