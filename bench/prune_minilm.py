@@ -48,6 +48,10 @@ CONFIGS = [
     (BOTH, f"{CHANNEL}:{OBS}:sequential=false:schedule=output", None),
     (BOTH, f"{CHANNEL}:{OBS}:sequential=false:schedule=output:scan_outputs=sentence_embedding",
      None),
+    (BOTH, f"{CHANNEL}:{OBS}:sequential=false:schedule=global:scan_outputs=sentence_embedding:"
+     "output_metric=true", None),
+    (BOTH, f"{CHANNEL}:{OBS}:sequential=false:schedule=output:scan_outputs=sentence_embedding:"
+     "output_metric=true", None),
     (HEADS, f"prune-channels:ratio=0:head_ratio=0.25:{OBS}:target=residual", None),
     (FFN, f"prune-channels:ratio=0.3:head_ratio=0:{OBS}:target=residual", None),
     (LAYERS, "prune-layers:count=2:kind=transformer:criterion=change", None),

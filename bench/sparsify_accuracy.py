@@ -12,11 +12,12 @@ MiniLM (models.minilm): 50% unstructured and 2:4 per method, cosine of sentence 
 dense model (mean and worst of 24 sentences), ranking accuracy, plus SparseGPT rows with the
 corrections (sequential, error-correcting targets, bias correction, exact refit, ADMM mask
 search, OWL allocation, allocation from a scan of each layer's own error or of the model's
-output error, dampening, lazy-batch size) and the reference rows (Q/K left dense, 40%);
-calibration: `--samples` texts of `models.minilm.calibration_npz(corpus=...)` (default: 512
-single sentences of English prose, disjoint from the evaluation sentences). Every evaluation
-sentence fits in 32 tokens, so `--seq-len 32` gives the same metric as 128 at a quarter of the
-cost (calibration sentences longer than the sequence are truncated, though).
+output error, the output metric from gradients, dampening, lazy-batch size) and the reference
+rows (Q/K left dense, 40%); calibration: `--samples` texts of
+`models.minilm.calibration_npz(corpus=...)` (default: 512 single sentences of English prose,
+disjoint from the evaluation sentences). Every evaluation sentence fits in 32 tokens, so
+`--seq-len 32` gives the same metric as 128 at a quarter of the cost (calibration sentences
+longer than the sequence are truncated, though).
 `--configs` runs only the MiniLM rows whose labels are given (exact labels, see MINILM_RUNS);
 `--append` adds the new rows to the JSON file instead of replacing it (rows with the same label
 are replaced); `--print-only` prints the tables of the JSON file without running anything.
@@ -60,6 +61,7 @@ ADMM = "admm=true"  # implies the refit
 OWL = "schedule=owl"
 SCAN = "schedule=output:scan_samples=128:scan_outputs=sentence_embedding"
 FINE = "scan_grid=0.2+0.3+0.4+0.5+0.55+0.6+0.65+0.7+0.8+0.9"  # the first default grid
+METRIC = "output_metric=full:scan_samples=128:scan_outputs=sentence_embedding"
 MINILM_RUNS = [  # the rows first, then the corrections, then the reference rows
     ("sparsegpt, 50% unstructured", SGPT_50),
     ("sparsegpt, 2:4", SGPT_24),
@@ -84,6 +86,12 @@ MINILM_RUNS = [  # the issue's rows first, then the corrections, then the refere
      f"{SGPT_50}:{SCAN}:{FINE}:{EC}:{ADMM}"),
     ("sparsegpt, 50% output scan (10-point grid, all outputs), error-correcting + ADMM",
      f"{SGPT_50}:schedule=output:scan_samples=128:{FINE}:{EC}:{ADMM}"),
+    ("sparsegpt, 50%, output metric (diagonal)",
+     f"{SGPT_50}:output_metric=diagonal:scan_samples=128:scan_outputs=sentence_embedding"),
+    ("sparsegpt, 50%, error-correcting + ADMM, output metric", f"{SGPT_50}:{EC}:{ADMM}:{METRIC}"),
+    ("sparsegpt, 2:4, error-correcting + ADMM, output metric", f"{SGPT_24}:{EC}:{ADMM}:{METRIC}"),
+    ("sparsegpt, 50% output scan, error-correcting + ADMM, output metric",
+     f"{SGPT_50}:{SCAN}:{EC}:{ADMM}:output_metric=full"),
     ("sparsegpt, 50%, damp 0.1", f"{SGPT_50}:damp=0.1"),
     ("sparsegpt, 50%, damp 0.001", f"{SGPT_50}:damp=0.001"),
     ("sparsegpt, 2:4, damp 0.1", f"{SGPT_24}:damp=0.1"),

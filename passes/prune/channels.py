@@ -9,6 +9,7 @@ from ir import Model, copy_model, graph_cost, infer_shapes
 from ..calibration import capture, token_mask_input
 from ..core import Option, Pass, PassContext, PassResult, register_pass
 from ..output_probe import output_probe
+from ..output_sensitivity import NotDifferentiable, normalized_metric, output_sensitivity
 from .apply import remove_channels
 from .groups import ChannelGroup, analyze_groups
 from .compensate import apply_mean_shifts, mean_shifts
@@ -194,6 +195,9 @@ class PruneChannels(Pass):
                         "pruned one (all; more calibration runs)", choices=("consumers", "all")),
         "damp": Option(float, 0.01, "criterion=obs: ridge strength relative to the mean "
                        "diagonal of the input Hessian"),
+        "output_metric": Option(bool, False, "criterion=obs: weigh each consumer's output error "
+                                "by how its directions reach the model's outputs (gradients on "
+                                "scan_samples calibration samples)"),
         "token_mask": Option(str, "auto", "criterion=obs: graph input whose 0s mark padding "
                              "tokens to leave out (auto: attention_mask if present; none)"),
     }
@@ -207,10 +211,11 @@ class PruneChannels(Pass):
             from ..core import OptionError
             raise OptionError("prune-channels: criterion=obs already refits the consumers; "
                               "drop reconstruct/compensate (and keep damp >= 0)")
-        if self.schedule == "output" and (self.criterion != "obs" or self.scan_samples < 1):
+        if (self.schedule == "output" or self.output_metric) and (
+                self.criterion != "obs" or self.scan_samples < 1):
             from ..core import OptionError
-            raise OptionError("prune-channels: schedule=output needs criterion=obs and "
-                              "scan_samples >= 1")
+            raise OptionError("prune-channels: schedule=output and output_metric need "
+                              "criterion=obs and scan_samples >= 1")
         groups = analyze_groups(model.graph)
         prunable = [g for g in groups if g.prunable]
         frozen = [g for g in groups if not g.prunable and g.sources]
@@ -263,6 +268,8 @@ class PruneChannels(Pass):
                                       self.samples, mask_name, ctx.seed) if consumers else {}
         planned = [g for g in prunable if g.index in plans]
         removals = {g.index: g.size - counts[g.index] for g in planned}
+        metrics = self._output_metrics(model, ctx, plans, mask_name) if self.output_metric \
+            else None
         measured = None
         if self.schedule in ("global", "output") and planned:
             head_ratio = self._head_ratio()
@@ -279,20 +286,40 @@ class PruneChannels(Pass):
                                      self.scan_samples, mask_name, list(self.scan_outputs),
                                      "prune-channels")
                 removals, measured = output_scan_removals(planned, plans, reference_rows, totals,
-                                                          steps, self.damp, probe, ctx.progress)
+                                                          steps, self.damp, probe, ctx.progress,
+                                                          metrics)
             else:
                 removals, _ = allocate_removals(planned, plans, reference_rows, totals, steps,
-                                                self.damp, ctx.progress)
+                                                self.damp, ctx.progress, metrics)
             counts = {**counts, **{i: next(g.size for g in planned if g.index == i) - r
                                    for i, r in removals.items()}}
         kept, report = obs_prune(model, planned, plans, removals, reference_rows, ctx,
                                  self.samples, self.damp, self.sequential, mask_name,
-                                 self.target == "residual", extra)
+                                 self.target == "residual", extra, metrics)
         if measured is not None:
             for index, errors in measured.items():
                 if index in report:
                     report[index]["output_scan"] = errors
         return counts, kept, {"planned": set(plans), "groups": list(report.values())}
+
+    def _output_metrics(self, model, ctx, plans, mask_name) -> dict[str, np.ndarray]:
+        """Per consumer node, E[J^T J] over its output channels (`normalized_metric`)."""
+        from ..core import OptionError
+        consumers = [c for plan in plans.values() for c in plan]
+        outputs = list({id(c.node): c.node.output for c in consumers}.values())
+        axes = {c.node.output.name: 1 for c in consumers if c.node.op_type == "Conv"}
+        try:
+            sensitivity = output_sensitivity(model, outputs, ctx.require_calibration(model),
+                                             self.scan_samples, mask_name,
+                                             list(self.scan_outputs), seed=ctx.seed,
+                                             channel_axis=axes, matrix=True)
+        except KeyError as exc:
+            raise OptionError(f"prune-channels: scan_outputs: {exc.args[0]}") from None
+        except NotDifferentiable as exc:
+            raise OptionError(f"prune-channels: output_metric=true: {exc}") from None
+        metrics = {c.node.name: normalized_metric(sensitivity[c.node.output.name])
+                   for c in consumers}
+        return {name: metric for name, metric in metrics.items() if metric is not None}
 
     def _token_mask(self, model: Model) -> str | None:
         return token_mask_input(model, self.token_mask, "prune-channels")

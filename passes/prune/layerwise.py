@@ -133,12 +133,14 @@ def _removal_levels(group: ChannelGroup, step: int, limit: int) -> list[int]:
 
 def allocate_removals(groups: list[ChannelGroup], plans: dict[int, list[Consumer]],
                       rows: dict[str, np.ndarray], totals: dict[str, int], steps: dict[int, int],
-                      damp: float, progress=None) -> tuple[dict[int, int], dict[int, float]]:
+                      damp: float, progress=None, metrics: dict | None = None
+                      ) -> tuple[dict[int, int], dict[int, float]]:
     """Removed units per group (schedule=global with criterion=obs) and the normalized OBS
     cost of that choice per group.
 
     `totals` is the number of units to remove per group kind ("heads", "channels"); `steps`
-    the rounding unit of each group's kept count. Curves run on copies: nothing is modified."""
+    the rounding unit of each group's kept count; `metrics` the output metric per consumer node
+    name (see `obs`). Curves run on copies: nothing is modified."""
     limit_fraction = _limit_fractions(groups, totals)
     curves: dict[int, np.ndarray] = {}
     wrapped = progress(groups, total=len(groups), desc="prune-channels: obs curves") \
@@ -153,8 +155,9 @@ def allocate_removals(groups: list[ChannelGroup], plans: dict[int, list[Consumer
             weight = consumer.matrix()
             energy += _output_energy(weight, hessian, x, rows.get(consumer.node.name + RESIDUAL),
                                      consumer.has_bias)
+            metric = (metrics or {}).get(consumer.node.name)
             problems.append(ConsumerProblem(weight, damped_inverse(hessian, damp)[0],
-                                            consumer.span))
+                                            consumer.span, metric))
         limit = int(np.ceil(group.size * limit_fraction[group.kind]))
         _, costs = greedy_obs(problems, group.size, min(limit, group.size - 1))
         curves[group.index] = np.concatenate([[0.0], np.cumsum(costs)]) / (energy + 1e-30)
@@ -172,7 +175,8 @@ def _limit_fractions(groups: list[ChannelGroup], totals: dict[str, int]) -> dict
 def output_scan_removals(groups: list[ChannelGroup], plans: dict[int, list[Consumer]],
                          rows: dict[str, np.ndarray], totals: dict[str, int],
                          steps: dict[int, int], damp: float, probe: OutputProbe,
-                         progress=None) -> tuple[dict[int, int], dict[int, dict]]:
+                         progress=None, metrics: dict | None = None
+                         ) -> tuple[dict[int, int], dict[int, dict]]:
     """Removed units per group (schedule=output with criterion=obs), from the error each group's
     pruning alone causes at the model's outputs.
 
@@ -192,7 +196,8 @@ def output_scan_removals(groups: list[ChannelGroup], plans: dict[int, list[Consu
         consumers = plans[group.index]
         original = {c.node.name: c.matrix() for c in consumers}
         systems = _fit_systems(consumers, rows, rows, original, damp, residual=False)
-        problems = [ConsumerProblem(start.copy(), inverse, c.span)
+        problems = [ConsumerProblem(start.copy(), inverse, c.span,
+                                    (metrics or {}).get(c.node.name))
                     for c, (_, _, _, start, inverse) in zip(consumers, systems)]
         limit = min(int(np.ceil(group.size * limit_fraction[group.kind])), group.size - 1)
         allowed = [r for r in _removal_levels(group, steps[group.index], limit) if r > 0]
@@ -286,12 +291,13 @@ def refit_candidates(model: Model, plans: dict[int, list[Consumer]]) -> list[lis
 def obs_prune(model: Model, groups: list[ChannelGroup], plans: dict[int, list[Consumer]],
               removals: dict[int, int], reference_rows: dict[str, np.ndarray], ctx: PassContext,
               samples: int, damp: float, sequential: bool, mask_name: str | None,
-              residual: bool = False, extra: list[list[Consumer]] | None = None
-              ) -> tuple[dict[int, np.ndarray], dict]:
+              residual: bool = False, extra: list[list[Consumer]] | None = None,
+              metrics: dict | None = None) -> tuple[dict[int, np.ndarray], dict]:
     """Prune every planned group by its removal count (in graph order), writing the OBS-updated
     weights in place; returns the kept units per group and a per-group report. `extra` layers
     (sequential only) are refitted to their original outputs without pruning, in graph order
-    among the groups, once something before them has changed."""
+    among the groups, once something before them has changed; `metrics` weighs each consumer's
+    output error (see `obs`)."""
     positions = {id(node): i for i, node in enumerate(model.graph.nodes)}
     by_index = {g.index: g for g in groups}
     steps = [(min(positions[id(c.node)] for c in plans[i]), i, plans[i]) for i in plans]
@@ -314,7 +320,7 @@ def obs_prune(model: Model, groups: list[ChannelGroup], plans: dict[int, list[Co
                 consumer.write(start)
             continue
         group = by_index[index]
-        problems = [ConsumerProblem(start, inverse, c.span)
+        problems = [ConsumerProblem(start, inverse, c.span, (metrics or {}).get(c.node.name))
                     for c, (_, _, _, start, inverse) in zip(consumers, systems)]
         energy = sum(float(np.einsum("kn,kj,jn->", start, hessian, start))
                      for hessian, _, _, start, _ in systems)

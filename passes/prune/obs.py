@@ -20,6 +20,11 @@ on the kept rows (`refit_rows`): the same optimum in exact arithmetic, but free 
 that a long chain of Hinv downdates accumulates when H is nearly singular. Several consumers
 reading the same units (a residual-coupled conv channel feeds several layers) are handled
 together: a unit's cost is the sum over consumers.
+
+With an output metric M ([N, N], how each direction of the consumer's output reaches the model's
+outputs, `passes.output_sensitivity`) the error is trace(dW^T H dW M) and a removal costs
+trace(W_S^T [Hinv_SS]^-1 W_S M). The update of the remaining rows is the same: M weighs the
+output columns alike for every input row, so the best compensation does not depend on it.
 """
 
 from __future__ import annotations
@@ -37,10 +42,16 @@ class ConsumerProblem:
     """One consumer layer of the units: its weight [K, N] and damped inverse Hessian [K, K].
 
     `span` is how many rows of `weight` each unit owns in this consumer (a head owns head-size
-    rows of the output projection, a conv channel kh*kw rows of the im2col weight)."""
+    rows of the output projection, a conv channel kh*kw rows of the im2col weight); `metric`
+    ([N, N] or None for the identity) weighs the output error."""
     weight: np.ndarray
     hessian_inverse: np.ndarray
     span: int = 1
+    metric: np.ndarray | None = None
+
+    def _weighted(self, rows: np.ndarray) -> np.ndarray:
+        """rows @ M (the rows themselves without a metric)."""
+        return rows if self.metric is None else rows @ self.metric
 
     def rows(self, unit: int) -> np.ndarray:
         return np.arange(unit * self.span, (unit + 1) * self.span)
@@ -49,14 +60,15 @@ class ConsumerProblem:
         """cost of removing each unit alone (from the current weight and Hinv), shape [units]."""
         if self.span == 1:
             diag = np.diag(self.hessian_inverse)[:units]
-            return (self.weight[:units] ** 2).sum(axis=1) / np.maximum(diag, 1e-300)
+            rows = self.weight[:units]
+            return (self._weighted(rows) * rows).sum(axis=1) / np.maximum(diag, 1e-300)
         index = np.arange(units * self.span).reshape(units, self.span)
         blocks = self.hessian_inverse[index[:, :, None], index[:, None, :]]  # [U, s, s]
         rows = self.weight[index]  # [U, s, N]
         # Removed units have a zero block: give them a harmless identity (their cost is masked).
         dead = np.abs(blocks).reshape(units, -1).max(axis=1) <= 1e-300
         blocks[dead] = np.eye(self.span)
-        return (rows * np.linalg.solve(blocks, rows)).sum(axis=(1, 2))
+        return (self._weighted(rows) * np.linalg.solve(blocks, rows)).sum(axis=(1, 2))
 
     def remove(self, unit: int) -> float:
         """Remove one unit with the OBS update; returns its cost."""
@@ -64,7 +76,7 @@ class ConsumerProblem:
         block = self.hessian_inverse[np.ix_(rows, rows)]
         column = self.hessian_inverse[:, rows]                     # [K, s]
         solved_weight = np.linalg.solve(block, self.weight[rows])  # [s, N]
-        cost = float((self.weight[rows] * solved_weight).sum())
+        cost = float((self._weighted(self.weight[rows]) * solved_weight).sum())
         self.weight -= column @ solved_weight
         self.hessian_inverse -= column @ np.linalg.solve(block, column.T)
         self.weight[rows] = 0.0  # exactly zero (the update makes it zero up to rounding)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["masked_least_squares"]
+__all__ = ["masked_least_squares", "metric_least_squares"]
 
 
 def masked_least_squares(weights: np.ndarray, hessian: np.ndarray, keep: np.ndarray,
@@ -40,3 +40,44 @@ def masked_least_squares(weights: np.ndarray, hessian: np.ndarray, keep: np.ndar
             refit[np.ix_(rows, kept)] = np.linalg.solve(h[np.ix_(kept, kept)],
                                                        goal[np.ix_(rows, kept)].T).T
     return refit
+
+
+CG_TOLERANCE = 1e-10   # stop when the residual's squared norm falls below this x the goal's
+CG_ITERATIONS = 1000
+
+
+def metric_least_squares(weights: np.ndarray, hessian: np.ndarray, metric: np.ndarray,
+                         keep: np.ndarray, damp: float = 0.01,
+                         start: np.ndarray | None = None) -> np.ndarray:
+    """As `masked_least_squares`, with the output error weighed by `metric` M ([out, out],
+    positive definite): min tr((V - W)(H + lam I)(V - W)^T M) under `keep`. M couples the rows,
+    so this is one problem over all kept weights, solved by conjugate gradients (Jacobi-
+    preconditioned, from `start`, e.g. the row-wise answer): its operator X -> keep * (M X H)
+    costs two matrix products per iteration."""
+    w = np.asarray(weights, dtype=np.float64)
+    h = np.array(hessian, dtype=np.float64, copy=True)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)))
+    metric = np.asarray(metric, dtype=np.float64)
+    mask = np.asarray(keep, dtype=np.float64)
+    goal = mask * (metric @ w @ h)
+    solution = mask * (w if start is None else np.asarray(start, dtype=np.float64))
+    residual = goal - mask * (metric @ solution @ h)
+    inverse_diagonal = mask / (np.diag(metric)[:, None] * np.diag(h)[None, :])
+    preconditioned = inverse_diagonal * residual
+    direction = preconditioned.copy()
+    product = float((residual * preconditioned).sum())
+    threshold = CG_TOLERANCE * float((goal * goal).sum())
+    for _ in range(CG_ITERATIONS):
+        if float((residual * residual).sum()) <= threshold:
+            break
+        applied = mask * (metric @ direction @ h)
+        step = product / float((direction * applied).sum())
+        solution += step * direction
+        residual -= step * applied
+        preconditioned = inverse_diagonal * residual
+        new_product = float((residual * preconditioned).sum())
+        direction = preconditioned + (new_product / product) * direction
+        product = new_product
+    return solution

@@ -9,13 +9,14 @@ from ir import Model, copy_model
 from ..calibration import token_mask_input
 from ..core import OptionError, Option, Pass, PassContext, PassResult, register_pass
 from ..output_probe import output_probe
+from ..output_sensitivity import NotDifferentiable, normalized_metric, output_sensitivity
 from .admm import admm_mask
 from .bias import add_output_shift
 from .correction import error_correcting_start, mean_output_shift, paired_output_error
 from .layers import SparsifyTarget, boundary_targets, find_targets
 from .metadata import measured_density, write_sparsity_property
 from .patterns import SparsityPattern, parse_pattern, select_mask
-from .refit import masked_least_squares
+from .refit import masked_least_squares, metric_least_squares
 from .schedule import (GRID, global_schedule, outlier_schedule, relative_output_error,
                        output_grid, sensitivity_schedule, uniform_schedule)
 from .sparsegpt import sparsegpt_prune
@@ -48,6 +49,12 @@ class Sparsify(Pass):
     better mask from there (ADMM on the layer's output error, as in ALPS) and then refits;
     `schedule=owl`
     gives layers with more outlier Wanda scores less sparsity at the same total.
+
+    `output_metric` weighs each layer's output error by what reaches the model's outputs,
+    E[J^T J] from gradients of the outputs on `scan_samples` calibration samples
+    (`passes/output_sensitivity.py`): `diagonal` weighs the output channels (every method);
+    `full` also lets SparseGPT's refit and ADMM put the error into output directions the model
+    does not read (with `refit` or `admm`).
 
     `schedule=sensitivity` scans each layer's own output error; `schedule=output` scans what
     reaches the model's outputs: each layer alone is sparsified (by `method`) at a grid of
@@ -93,6 +100,11 @@ class Sparsify(Pass):
                        "output error, then refit (slower, lower layer error)"),
         "block_columns": Option(int, 128, "sparsegpt: columns per lazy batch; the unstructured "
                                 "mask is chosen per batch"),
+        "output_metric": Option(str, "none", "weigh each layer's output error by how it reaches "
+                                "the model's outputs (gradients on scan_samples calibration "
+                                "samples): diagonal = per output channel; full = per output "
+                                "direction (sparsegpt with refit or admm)",
+                                choices=("none", "diagonal", "full")),
         "token_mask": Option(str, "auto", "graph input whose 0s mark padding tokens to leave out "
                              "of the statistics (auto: an input named attention_mask; none)"),
     }
@@ -120,6 +132,8 @@ class Sparsify(Pass):
         # correction aims at the original outputs while the inputs already changed.
         reference = copy_model(model) \
             if sequential and (self.error_correction or self.bias_correction) else None
+        self._metrics = self._output_metrics(model, ctx, targets) \
+            if self.output_metric != "none" else {}
         stats = self._statistics(model, ctx, targets, full=self.schedule == "sensitivity") \
             if (self.schedule != "uniform" or not sequential) else [None] * len(targets)
         scores = [self._scores(t, s) for t, s in zip(targets, stats)]
@@ -153,7 +167,8 @@ class Sparsify(Pass):
                         f"schedule {self.schedule}: {zeros / max(covered, 1):.1%} zeros in "
                         f"sparsified weights ({zeros / max(total, 1):.1%} of selected layers)")
         details = {"pattern": pattern.describe(), "method": self.method,
-                   "schedule": self.schedule, "layers": layers, "skipped": skipped}
+                   "schedule": self.schedule, "output_metric": self.output_metric,
+                   "layers": layers, "skipped": skipped}
         if scan is not None:
             details["sensitivity"] = scan["layers"]
             details["sensitivity_grid"] = scan["grid"]
@@ -199,9 +214,36 @@ class Sparsify(Pass):
     def _token_mask(self, model: Model) -> str | None:
         return token_mask_input(model, self.token_mask, "sparsify")
 
+    def _output_metrics(self, model, ctx, targets) -> dict[str, np.ndarray]:
+        """Per target node, the metric of its output error at the model's outputs: E[J^T J]
+        over the output channels ([out, out], or its diagonal), see `normalized_metric`."""
+        calibration = ctx.require_calibration(model, samples=self.samples)
+        outputs = [t.node.output for t in targets]
+        axes = {t.node.output.name: 1 for t in targets if t.op_type == "Conv"}
+        try:
+            sensitivity = output_sensitivity(model, outputs, calibration, self.scan_samples,
+                                             self._token_mask(model), list(self.scan_outputs),
+                                             seed=ctx.seed, channel_axis=axes,
+                                             matrix=self.output_metric == "full")
+        except KeyError as exc:
+            raise OptionError(f"sparsify: scan_outputs: {exc.args[0]}") from None
+        except NotDifferentiable as exc:
+            raise OptionError(f"sparsify: output_metric={self.output_metric}: {exc}") from None
+        metrics = {t.node.name: normalized_metric(sensitivity[t.node.output.name])
+                   for t in targets}
+        return {name: metric for name, metric in metrics.items() if metric is not None}
+
+    def _row_scale(self, target: SparsifyTarget) -> np.ndarray:
+        """sqrt of each output row's weight in the output metric (1 without one)."""
+        metric = self._metrics.get(target.node.name)
+        if metric is None:
+            return np.ones(target.matrix().shape[0])
+        diagonal = np.diag(metric) if metric.ndim == 2 else metric
+        return np.sqrt(np.maximum(diagonal, 1e-3))
+
     def _scores(self, target: SparsifyTarget, stat: InputStatistics | None) -> np.ndarray:
         """Importance of each weight of the [out, in] view (SparseGPT's schedule uses Wanda's)."""
-        magnitude = np.abs(target.matrix())
+        magnitude = np.abs(target.matrix()) * self._row_scale(target)[:, None]
         if self.method == "magnitude" or stat is None:
             return magnitude
         for group, rows in enumerate(target.row_groups()):
@@ -276,19 +318,33 @@ class Sparsify(Pass):
         if self.method != "sparsegpt":
             return weights * self._mask(target, pattern, score, sparsity)
         pruned = weights.copy()
+        # An output metric's diagonal scales the rows (SparseGPT and the row-wise refit then see
+        # the output-weighted error); a full metric also enters ADMM and the final refit.
+        scale = self._row_scale(target)[:, None]
+        metric = self._metrics.get(target.node.name)
+        full = metric is not None and metric.ndim == 2
         for group, rows in enumerate(target.row_groups()):
             start, hessian = weights[rows], stat.hessian(group)
             if corrections and self.error_correction:
                 start = error_correcting_start(start, hessian, stat.cross(group), self.damp)
-            pruned[rows] = sparsegpt_prune(start, hessian, pattern, sparsity, damp=self.damp,
-                                           block_columns=self.block_columns)
-            if corrections and (self.refit or self.admm):
-                keep = pruned[rows] != 0
-                if self.admm:
-                    refit = masked_least_squares(start, hessian, keep, self.damp)
-                    keep = admm_mask(start, hessian, pattern, sparsity, refit, self.damp,
-                                     self.per_row)
-                pruned[rows] = masked_least_squares(start, hessian, keep, self.damp)
+            pruned[rows] = sparsegpt_prune(start * scale[rows], hessian, pattern, sparsity,
+                                           damp=self.damp, block_columns=self.block_columns)
+            if not (corrections and (self.refit or self.admm)):
+                pruned[rows] /= scale[rows]
+                continue
+            keep = pruned[rows] != 0
+            refit = masked_least_squares(start, hessian, keep, self.damp)
+            if self.admm:
+                # The row-wise refit is the same for scaled rows; ADMM's projection is not.
+                keep = admm_mask(start, hessian, pattern, sparsity, refit, self.damp,
+                                 self.per_row, metric=metric[rows][:, rows]) if full else \
+                    admm_mask(start * scale[rows], hessian, pattern, sparsity,
+                              refit * scale[rows], self.damp, self.per_row)
+                refit = masked_least_squares(start, hessian, keep, self.damp)
+            if full:
+                refit = metric_least_squares(start, hessian, metric[rows][:, rows], keep,
+                                             self.damp, start=refit)
+            pruned[rows] = refit
         return pruned
 
     def _apply(self, model, target: SparsifyTarget, pattern, score, stat, sparsity) -> dict:

@@ -212,6 +212,38 @@ def test_output_scan_allocation_prunes_what_the_output_does_not_see():
         passes.apply(original, spec + ":schedule=output:scan_outputs=z", calibration=calib)
 
 
+def test_output_metric_keeps_the_units_the_output_reads():
+    # The FFN's 8 outputs reach y only through a rank-2 projection. Which hidden units to remove
+    # then depends on what they write into those 2 directions, which the consumer's own output
+    # error cannot see.
+    rng = np.random.default_rng(2)
+    w = {"w1": rng.standard_normal((8, 32)) / np.sqrt(8), "b1": 0.1 * rng.standard_normal(32),
+         "w2": rng.standard_normal((32, 8)) / np.sqrt(32), "b2": np.zeros(8),
+         "p": rng.standard_normal((8, 2)) @ rng.standard_normal((2, 8))}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+             helper.make_node("Add", ["h", "b1"], ["hb"]),
+             helper.make_node("Relu", ["hb"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["o"]),
+             helper.make_node("Add", ["o", "b2"], ["ob"]),
+             helper.make_node("MatMul", ["ob", "p"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "projected", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8])],
+        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in w.items()])
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    calib = {"x": RNG.standard_normal((64, 1, 8, 8)).astype(np.float32)}
+    spec = "prune-channels:ratio=0.5:round_to=8:criterion=obs:samples=64:scan_samples=16"
+    errors = {}
+    for option in ("", ":output_metric=true"):
+        pruned = passes.apply(original, spec + option, calibration=calib)
+        assert [list(t.dims) for t in pruned.graph.initializer if t.name.startswith("w2")] \
+            == [[16, 8]]
+        errors[option] = _error(original, pruned, (1, 8, 8), samples=16)
+    assert errors[":output_metric=true"] < 0.7 * errors[""], errors
+    with pytest.raises(OptionError, match="output_metric"):
+        passes.apply(original, "prune-channels:criterion=l1:output_metric=true")
+
+
 def test_obs_rejects_reconstruct_and_unknown_token_mask():
     with pytest.raises(OptionError):
         passes.apply(_mlp(), "prune-channels:criterion=obs:reconstruct=true")

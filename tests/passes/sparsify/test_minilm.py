@@ -1,6 +1,6 @@
 """sparsify on the real MiniLM: SparseGPT keeps the sentence embeddings closer to the dense model's
-than magnitude pruning does (fast, seq_len 32), the issue's cosine bound (slow, xfail: not met)
-and the cosine of the corrections at the level bench/sparsify_accuracy.py measured (slow); the
+than magnitude pruning does (fast, seq_len 32), the issue's cosine bound (slow; 2:4 xfail: not
+met) and the cosine of the corrections at the level bench/sparsify_accuracy.py measured (slow); the
 slow tests use seq_len 32, where every evaluation sentence fits (same metric as 128).
 
 The fast test sparsifies the six layers of one transformer block only, so that it runs in a few
@@ -54,16 +54,27 @@ OUTPUT_SCAN = ("sparsify:sparsity=0.5:method=sparsegpt:schedule=output:scan_samp
                "scan_outputs=sentence_embedding")
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(reason="not met: best measured cosine 0.960 (50%) and 0.891 (2:4), see "
-                          "bench/results/sparsify.md", strict=False)
-@pytest.mark.parametrize("spec", [f"{OUTPUT_SCAN}:error_correction=true:admm=true",
-                                  "sparsify:pattern=nm:nm=2of4:method=sparsegpt:"
-                                  "error_correction=true:admm=true"])
-def test_issue_bound_sparsegpt_cosine(spec, dense32, tmp_path):
-    samples = 512
+METRIC = "output_metric=full:scan_samples=128:scan_outputs=sentence_embedding"
+BEST_50 = f"{OUTPUT_SCAN}:error_correction=true:admm=true:output_metric=full"
+BEST_24 = f"sparsify:pattern=nm:nm=2of4:method=sparsegpt:error_correction=true:admm=true:{METRIC}"
+
+
+def _sparsify_minilm(spec, dense32, tmp_path, samples=512):
     calib = minilm.calibration_npz(tmp_path / "calib.npz", n=samples, seq_len=32, corpus="prose")
-    out = passes.apply(dense32, f"{spec}:samples={samples}", calibration=calib)
+    return passes.apply(dense32, f"{spec}:samples={samples}", calibration=calib)
+
+
+@pytest.mark.slow
+def test_issue_bound_sparsegpt_cosine_50_percent(dense32, tmp_path):
+    out = _sparsify_minilm(BEST_50, dense32, tmp_path)
+    assert _cosine(out) >= float(os.environ.get("SPARSIFY_MINILM_COSINE", "0.97"))
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="not met: best measured cosine at 2:4 is 0.891, see "
+                          "bench/results/sparsify.md", strict=False)
+def test_issue_bound_sparsegpt_cosine_2_4(dense32, tmp_path):
+    out = _sparsify_minilm(BEST_24, dense32, tmp_path)
     assert _cosine(out) >= float(os.environ.get("SPARSIFY_MINILM_COSINE", "0.97"))
 
 
@@ -83,7 +94,4 @@ MEASURED = [
 @pytest.mark.parametrize("spec,measured", MEASURED)
 def test_minilm_cosine_stays_at_the_measured_level(spec, measured, dense32, tmp_path):
     """The corrections' measured cosine (bench/results/sparsify.md) minus a 0.01 margin."""
-    samples = 512
-    calib = minilm.calibration_npz(tmp_path / "calib.npz", n=samples, seq_len=32, corpus="prose")
-    out = passes.apply(dense32, f"{spec}:samples={samples}", calibration=calib)
-    assert _cosine(out) >= measured - 0.01
+    assert _cosine(_sparsify_minilm(spec, dense32, tmp_path)) >= measured - 0.01

@@ -12,7 +12,7 @@ import passes
 from passes.core import OptionError
 from passes.sparsify import METADATA_KEY, restore_sparsity_meta, sparsity_of
 from passes.sparsify.patterns import nm_group_nonzeros
-from tests.passes.sparsify.graphs import mlp, run
+from tests.passes.sparsify.graphs import conv_net, mlp, run
 
 CALIB = {"x": np.random.default_rng(7).standard_normal((32, 4, 16)).astype(np.float32)}
 
@@ -175,13 +175,59 @@ def _sparse_weights(model):
             if v.is_constant and "sparsity" in (v.meta or {})]
 
 
+def _output_error(proto, model) -> float:
+    """Relative squared change of y on the calibration inputs."""
+    before = np.concatenate([run(proto, {"x": x[None]}) for x in CALIB["x"]])
+    after = np.concatenate([run(ir.to_onnx(model), {"x": x[None]}) for x in CALIB["x"]])
+    return float(((after - before) ** 2).sum() / (before ** 2).sum())
+
+
+@pytest.mark.parametrize("pattern", ["sparsity=0.5", "pattern=nm:nm=2of4"])
+def test_output_metric_lowers_the_output_error(pattern):
+    # Only fc1 is sparsified; fc2 reads its 32 outputs down to 4, so most directions of fc1's
+    # output never reach y. The full metric sees which; the diagonal one only sees how much
+    # each channel matters.
+    proto = mlp(widths=(16, 32, 32, 4), seed=5)
+    spec = f"sparsify:{pattern}:method=sparsegpt:admm=true:min_size=0:scan_samples=16"
+    errors = {}
+    for metric in ("none", "diagonal", "full"):
+        model, report = _compress(proto, f"{spec}:output_metric={metric}")
+        layers = report.passes[0].details["layers"]
+        assert [layer["node"] for layer in layers] == ["fc1"]
+        assert layers[0]["density"] == pytest.approx(0.5, abs=0.01)
+        if "nm" in pattern:
+            assert (nm_group_nonzeros(_sparse_weights(model)[0], 4) <= 2).all()
+        errors[metric] = _output_error(proto, model)
+    assert errors["full"] < 0.7 * errors["none"], errors
+    if "nm" not in pattern:  # N:M fixes every row's count: row weights change nothing there
+        assert errors["diagonal"] < errors["none"], errors
+
+
+def test_output_metric_on_convs():
+    # Conv outputs carry their channels on axis 1, and the grouped conv c2 takes the metric
+    # block of each group's rows; every layer stays exactly at its target.
+    proto = conv_net()
+    x = np.random.default_rng(2).standard_normal((16, 1, 4, 8, 8)).astype(np.float32)
+    dense = np.concatenate([run(proto, {"x": s})[0] for s in x])
+    errors = {}
+    for metric in ("none", "full"):
+        model, report = _compress(proto, "sparsify:sparsity=0.5:method=sparsegpt:admm=true:"
+                                         "min_size=0:include_first_last=true:scan_samples=16:"
+                                         f"output_metric={metric}", {"x": x})
+        assert [layer["density"] for layer in report.passes[0].details["layers"]] == [0.5] * 4
+        out = np.concatenate([run(ir.to_onnx(model), {"x": s})[0] for s in x])
+        errors[metric] = float(((out - dense) ** 2).sum() / (dense ** 2).sum())
+    assert errors["full"] < errors["none"], errors
+
+
 def test_bad_options_raise_option_error():
     for spec in ("sparsify:sparsity=1.5", "sparsify:pattern=diagonal", "sparsify:kernels=3by3",
                  "sparsify:token_mask=nope:method=wanda",
                  "sparsify:schedule=output:scan_samples=0", "sparsify:admm=true",
                  "sparsify:schedule=output:scan_outputs=nope",
                  "sparsify:schedule=output:scan_grid=0.5+1.5",
-                 "sparsify:schedule=output:scan_grid=x"):
+                 "sparsify:schedule=output:scan_grid=x", "sparsify:output_metric=rows",
+                 "sparsify:output_metric=full:scan_outputs=nope"):
         with pytest.raises(OptionError):
             _compress(mlp(), spec + ":min_size=0")
 
