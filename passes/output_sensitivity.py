@@ -28,7 +28,8 @@ from ir import Model, Node, Value
 from .calibration import CalibrationSet, capture_session, make_session, real_token_rows
 from .vjp import NotDifferentiable, pull_back
 
-__all__ = ["output_sensitivity", "normalized_metric", "NotDifferentiable", "METRIC_DAMP"]
+__all__ = ["output_sensitivity", "layer_output_metrics", "normalized_metric", "NotDifferentiable",
+           "METRIC_DAMP"]
 
 FLOAT_KINDS = "f"
 # Added x I to a full metric scaled to a mean diagonal of 1: the estimate comes from a few
@@ -191,3 +192,24 @@ def normalized_metric(sensitivity: np.ndarray, damp: float = METRIC_DAMP) -> np.
         return None
     metric = sensitivity / mean
     return metric + damp * np.eye(len(metric)) if metric.ndim == 2 else metric
+
+
+def layer_output_metrics(model: Model, nodes: list[Node], calibration: CalibrationSet,
+                         samples: int, mask_name: str | None, outputs: list[str], seed: int,
+                         full: bool, label: str) -> dict[str, np.ndarray]:
+    """For a pass: {node name: `normalized_metric` of the node's output} for linear layers
+    (MatMul/Gemm outputs: channels last; Conv: axis 1). An unknown output name or an op without
+    a gradient rule is the pass's OptionError, prefixed by `label` (e.g. the pass name)."""
+    from .core import OptionError
+    values = list({id(node): node.output for node in nodes}.values())
+    axes = {node.output.name: 1 for node in nodes if node.op_type == "Conv"}
+    try:
+        sensitivity = output_sensitivity(model, values, calibration, samples, mask_name,
+                                         outputs or None, seed=seed, channel_axis=axes,
+                                         matrix=full)
+    except KeyError as exc:
+        raise OptionError(f"{label}: scan_outputs: {exc.args[0]}") from None
+    except NotDifferentiable as exc:
+        raise OptionError(f"{label}: {exc}") from None
+    metrics = {node.name: normalized_metric(sensitivity[node.output.name]) for node in nodes}
+    return {name: metric for name, metric in metrics.items() if metric is not None}

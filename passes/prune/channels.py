@@ -9,7 +9,7 @@ from ir import Model, copy_model, graph_cost, infer_shapes
 from ..calibration import capture, token_mask_input
 from ..core import Option, Pass, PassContext, PassResult, register_pass
 from ..output_probe import output_probe
-from ..output_sensitivity import NotDifferentiable, normalized_metric, output_sensitivity
+from ..output_sensitivity import layer_output_metrics
 from .apply import remove_channels
 from .groups import ChannelGroup, analyze_groups
 from .compensate import apply_mean_shifts, mean_shifts
@@ -304,22 +304,10 @@ class PruneChannels(Pass):
 
     def _output_metrics(self, model, ctx, plans, mask_name) -> dict[str, np.ndarray]:
         """Per consumer node, E[J^T J] over its output channels (`normalized_metric`)."""
-        from ..core import OptionError
-        consumers = [c for plan in plans.values() for c in plan]
-        outputs = list({id(c.node): c.node.output for c in consumers}.values())
-        axes = {c.node.output.name: 1 for c in consumers if c.node.op_type == "Conv"}
-        try:
-            sensitivity = output_sensitivity(model, outputs, ctx.require_calibration(model),
-                                             self.scan_samples, mask_name,
-                                             list(self.scan_outputs), seed=ctx.seed,
-                                             channel_axis=axes, matrix=True)
-        except KeyError as exc:
-            raise OptionError(f"prune-channels: scan_outputs: {exc.args[0]}") from None
-        except NotDifferentiable as exc:
-            raise OptionError(f"prune-channels: output_metric=true: {exc}") from None
-        metrics = {c.node.name: normalized_metric(sensitivity[c.node.output.name])
-                   for c in consumers}
-        return {name: metric for name, metric in metrics.items() if metric is not None}
+        nodes = [c.node for plan in plans.values() for c in plan]
+        return layer_output_metrics(model, nodes, ctx.require_calibration(model),
+                                    self.scan_samples, mask_name, list(self.scan_outputs),
+                                    ctx.seed, True, "prune-channels: output_metric=true")
 
     def _token_mask(self, model: Model) -> str | None:
         return token_mask_input(model, self.token_mask, "prune-channels")

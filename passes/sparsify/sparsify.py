@@ -9,7 +9,7 @@ from ir import Model, copy_model
 from ..calibration import token_mask_input
 from ..core import OptionError, Option, Pass, PassContext, PassResult, register_pass
 from ..output_probe import output_probe
-from ..output_sensitivity import NotDifferentiable, normalized_metric, output_sensitivity
+from ..output_sensitivity import layer_output_metrics
 from .admm import admm_mask
 from .bias import add_output_shift
 from .correction import error_correcting_start, mean_output_shift, paired_output_error
@@ -217,21 +217,12 @@ class Sparsify(Pass):
     def _output_metrics(self, model, ctx, targets) -> dict[str, np.ndarray]:
         """Per target node, the metric of its output error at the model's outputs: E[J^T J]
         over the output channels ([out, out], or its diagonal), see `normalized_metric`."""
-        calibration = ctx.require_calibration(model, samples=self.samples)
-        outputs = [t.node.output for t in targets]
-        axes = {t.node.output.name: 1 for t in targets if t.op_type == "Conv"}
-        try:
-            sensitivity = output_sensitivity(model, outputs, calibration, self.scan_samples,
-                                             self._token_mask(model), list(self.scan_outputs),
-                                             seed=ctx.seed, channel_axis=axes,
-                                             matrix=self.output_metric == "full")
-        except KeyError as exc:
-            raise OptionError(f"sparsify: scan_outputs: {exc.args[0]}") from None
-        except NotDifferentiable as exc:
-            raise OptionError(f"sparsify: output_metric={self.output_metric}: {exc}") from None
-        metrics = {t.node.name: normalized_metric(sensitivity[t.node.output.name])
-                   for t in targets}
-        return {name: metric for name, metric in metrics.items() if metric is not None}
+        return layer_output_metrics(model, [t.node for t in targets],
+                                    ctx.require_calibration(model, samples=self.samples),
+                                    self.scan_samples, self._token_mask(model),
+                                    list(self.scan_outputs), ctx.seed,
+                                    self.output_metric == "full",
+                                    f"sparsify: output_metric={self.output_metric}")
 
     def _row_scale(self, target: SparsifyTarget) -> np.ndarray:
         """sqrt of each output row's weight in the output metric (1 without one)."""

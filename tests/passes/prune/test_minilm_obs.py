@@ -41,15 +41,17 @@ def test_obs_keeps_minilm_embeddings(tmp_path):
     assert cosine >= MEASURED_COSINE - 0.02
 
 
-# bench/prune_minilm.py's best row (seq_len 64, 512 prose sentences): 0.9218, 154 s when idle.
-OUTPUT_SCAN_COSINE = 0.9218
+# bench/prune_minilm.py's rows (seq_len 64, 512 prose sentences): 0.9218 (154 s when idle) and,
+# with the output metric, 0.9279 (253 s).
+OUTPUT_SCAN = "sequential=false:schedule=output:scan_outputs=sentence_embedding"
 
 
 @pytest.mark.slow
-def test_output_scan_allocation_at_the_measured_level(tmp_path):
-    model, report, reference = _prune_minilm(
-        tmp_path, 64, 512, "sequential=false:schedule=output:scan_outputs=sentence_embedding")
+@pytest.mark.parametrize("options,measured", [(OUTPUT_SCAN, 0.9218),
+                                              (f"{OUTPUT_SCAN}:output_metric=true", 0.9279)])
+def test_output_scan_allocation_at_the_measured_level(tmp_path, options, measured):
+    model, report, reference = _prune_minilm(tmp_path, 64, 512, options)
     pruned = report.passes[-1].details["obs"]  # the groups that lost units
     assert len(pruned) >= 10 and all("output_scan" in g for g in pruned)
     cosine = cosine_to_reference(ir.to_onnx(model), reference)["cosine_mean"]
-    assert cosine >= OUTPUT_SCAN_COSINE - 0.01
+    assert cosine >= measured - 0.01
