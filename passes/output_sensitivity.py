@@ -17,13 +17,15 @@ E_v[(J^T v)(J^T v)^T] = J^T J, and J^T v is one backward sweep. onnxruntime comp
 tensors of the calibration feeds; the sweep runs in numpy over the nodes between the probed
 tensors and the outputs (`vjp`), `probes` directions at once. Several outputs are weighted by
 1 / their mean energy, so each output counts as its relative change does (as in `OutputProbe`).
+Cost per calibration sample: one onnxruntime run that keeps every tensor on the path, and one
+backward sweep holding up to `probes` gradients of each live tensor.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ir import Model, Node, Value
+from ir import Model, Node, Value, to_onnx
 
 from .calibration import CalibrationSet, capture_session, make_session, real_token_rows
 from .vjp import NotDifferentiable, pull_back
@@ -137,7 +139,6 @@ def _output_weights(model, outputs, feeds, masks) -> dict[str, float]:
     counts relative to its size (padding rows left out)."""
     if len(outputs) == 1:
         return {outputs[0].name: 1.0}
-    from ir import to_onnx
     session = make_session(to_onnx(model))
     names = [o.name for o in outputs]
     energy = dict.fromkeys(names, 0.0)

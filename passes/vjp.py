@@ -2,15 +2,17 @@
 intermediate tensors (not its weights).
 
 `VJP_RULES[op_type](node, grads, inputs, outputs, opset)` returns, for each input of `node`, the
-gradient of the probed scalar(s) with respect to that input (None where the input is an integer
-tensor, a constant, or needs none). `grads` holds the gradients of the node's outputs, `inputs`
-and `outputs` the forward arrays (captured from onnxruntime). Every gradient carries one extra
-leading axis, the probe axis: K independent output directions are pulled back at once, so a
-rule works on arrays of shape [K, *tensor_shape] and forward arrays of shape tensor_shape.
+gradient of the probed scalar(s) with respect to that input (None for inputs that carry shapes,
+indices or exponents; the caller drops the gradients of constants). `grads` holds the gradients
+of the node's outputs, `inputs` and `outputs` the forward arrays (captured from onnxruntime).
+Every gradient carries one extra leading axis, the probe axis: K independent output directions
+are pulled back at once, so a rule works on arrays of shape [K, *tensor_shape] and forward
+arrays of shape tensor_shape.
 Broadcasting inputs get their gradient summed back to their own shape (`unbroadcast`).
 
-An op without a rule stops the backward sweep with `NotDifferentiable`: callers fall back to a
-sensitivity measure that needs no gradient, or report that the graph is not supported.
+An op without a rule (pooling other than global average, Max/Min, control flow, custom domains)
+stops the backward sweep with `NotDifferentiable`; the passes report it as a one-line option
+error naming the op.
 """
 
 from __future__ import annotations
@@ -276,10 +278,9 @@ def _softmax(node, g, x, y, opset):
         dims = (axis + 1,)
     else:  # opset < 13: softmax over the flattened trailing dims from `axis` on
         dims = tuple(range(axis + 1, out.ndim + 1))
-    inner = (g[0] * out).sum(axis=dims, keepdims=True)
     if node.op_type == "LogSoftmax":
         return [g[0] - np.exp(out) * g[0].sum(axis=dims, keepdims=True)]
-    return [out * (g[0] - inner)]
+    return [out * (g[0] - (g[0] * out).sum(axis=dims, keepdims=True))]
 
 
 def _layer_norm(node, g, x, y, opset):
@@ -356,6 +357,7 @@ def pull_back(node: Node, grads, inputs, outputs, opset: int) -> list[np.ndarray
     if rule is None:
         raise NotDifferentiable(f"no gradient rule for {node.op_type} (node {node.name!r})")
     probes = next(grad.shape[0] for grad in grads if grad is not None)
-    filled = [grad if grad is not None else np.zeros((probes, *out.shape), out.dtype)
+    filled = [grad if grad is not None or out is None
+              else np.zeros((probes, *out.shape), out.dtype)
               for grad, out in zip(grads, outputs)]
     return rule(node, filled, inputs, outputs, opset)
