@@ -17,6 +17,16 @@ from tests.helpers import run_onnx
 RNG = np.random.default_rng(7)
 
 
+def _float_model(nodes, weights: dict, name: str, x_shape: list, y_shape: list, y: str = "y"):
+    """A float32 ONNX model (opset 17) from `nodes` with input x, output `y` and the weights as
+    initializers."""
+    graph = helper.make_graph(
+        nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, y_shape)],
+        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
 def _problem(x, weight, span=1, damp=1e-10):
     hessian = x.T @ x / len(x)
     return ConsumerProblem(weight.copy(), damped_inverse(hessian, damp)[0], span)
@@ -67,11 +77,7 @@ def _mlp(hidden=16, inputs=6, outputs=5, relu=False, seq=8):
         last = "hr"
     nodes += [helper.make_node("MatMul", [last, "w2"], ["o"]),
               helper.make_node("Add", ["o", "b2"], ["y"])]
-    graph = helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, inputs])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, outputs])],
-        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in w.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return _float_model(nodes, w, "mlp", [1, seq, inputs], [1, seq, outputs])
 
 
 def _error(original, pruned, shape, samples=8):
@@ -99,13 +105,9 @@ def test_conv_channels_pruned_exactly_when_linearly_dependent():
     # channels are affine in 3 inputs, so 4 kept channels (+ refitted bias) reproduce it.
     w = {"w1": RNG.standard_normal((12, 3, 1, 1)), "b1": RNG.standard_normal(12),
          "w2": RNG.standard_normal((4, 12, 3, 3)), "b2": RNG.standard_normal(4)}
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w1", "b1"], ["h"]),
-         helper.make_node("Conv", ["h", "w2", "b2"], ["y"])], "convs",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 7, 7])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5, 5])],
-        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in w.items()])
-    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    original = _float_model([helper.make_node("Conv", ["x", "w1", "b1"], ["h"]),
+                             helper.make_node("Conv", ["h", "w2", "b2"], ["y"])], w, "convs",
+                            [1, 3, 7, 7], [1, 4, 5, 5])
     calib = {"x": RNG.standard_normal((16, 1, 3, 7, 7)).astype(np.float32)}
     pruned = passes.apply(original, "prune-channels:ratio=0.67:round_to=1:criterion=obs:"
                           "damp=1e-7", calibration=calib)
@@ -131,11 +133,7 @@ def _two_blocks(width=24, seq=8, relus=(True, True)):
                   helper.make_node("MatMul", [f"r{block}", f"d{block}"], [f"o{block}"]),
                   helper.make_node("Tanh", [f"o{block}"], [f"t{block}"])]
         last = f"t{block}"
-    graph = helper.make_graph(
-        nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, 8])],
-        [helper.make_tensor_value_info(last, TensorProto.FLOAT, [1, seq, 8])],
-        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in w.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return _float_model(nodes, w, "two", [1, seq, 8], [1, seq, 8], y=last)
 
 
 def test_sequential_fit_corrects_earlier_errors():
@@ -181,11 +179,7 @@ def _loud_and_quiet(width=32, seq=8):
     w["scale"] = np.array(0.01)
     nodes += [helper.make_node("Mul", ["o_quiet", "scale"], ["o_small"]),
               helper.make_node("Add", ["o_loud", "o_small"], ["y"])]
-    graph = helper.make_graph(
-        nodes, "loud_quiet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, 8])],
-        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in w.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return _float_model(nodes, w, "loud_quiet", [1, seq, 8], [1, seq, 8])
 
 
 def test_output_scan_allocation_prunes_what_the_output_does_not_see():
@@ -226,11 +220,7 @@ def test_output_metric_keeps_the_units_the_output_reads():
              helper.make_node("MatMul", ["r", "w2"], ["o"]),
              helper.make_node("Add", ["o", "b2"], ["ob"]),
              helper.make_node("MatMul", ["ob", "p"], ["y"])]
-    graph = helper.make_graph(
-        nodes, "projected", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8])],
-        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in w.items()])
-    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    original = _float_model(nodes, w, "projected", [1, 8, 8], [1, 8, 8])
     calib = {"x": RNG.standard_normal((64, 1, 8, 8)).astype(np.float32)}
     spec = "prune-channels:ratio=0.5:round_to=8:criterion=obs:samples=64:scan_samples=16"
     errors = {}
