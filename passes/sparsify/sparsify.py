@@ -224,17 +224,18 @@ class Sparsify(Pass):
                                     self.output_metric == "full",
                                     f"sparsify: output_metric={self.output_metric}")
 
-    def _row_scale(self, target: SparsifyTarget) -> np.ndarray:
-        """sqrt of each output row's weight in the output metric (1 without one)."""
+    def _row_scale(self, target: SparsifyTarget, rows: int) -> np.ndarray:
+        """sqrt of each of the `rows` output rows' weight in the output metric (1 without one)."""
         metric = self._metrics.get(target.node.name)
         if metric is None:
-            return np.ones(target.matrix().shape[0])
+            return np.ones(rows)
         diagonal = np.diag(metric) if metric.ndim == 2 else metric
         return np.sqrt(np.maximum(diagonal, 1e-3))
 
     def _scores(self, target: SparsifyTarget, stat: InputStatistics | None) -> np.ndarray:
         """Importance of each weight of the [out, in] view (SparseGPT's schedule uses Wanda's)."""
-        magnitude = np.abs(target.matrix()) * self._row_scale(target)[:, None]
+        magnitude = np.abs(target.matrix())
+        magnitude *= self._row_scale(target, len(magnitude))[:, None]
         if self.method == "magnitude" or stat is None:
             return magnitude
         for group, rows in enumerate(target.row_groups()):
@@ -311,7 +312,7 @@ class Sparsify(Pass):
         pruned = weights.copy()
         # An output metric's diagonal scales the rows (SparseGPT and the row-wise refit then see
         # the output-weighted error); a full metric also enters ADMM and the final refit.
-        scale = self._row_scale(target)[:, None]
+        scale = self._row_scale(target, len(weights))[:, None]
         metric = self._metrics.get(target.node.name)
         full = metric is not None and metric.ndim == 2
         for group, rows in enumerate(target.row_groups()):
