@@ -62,6 +62,7 @@ OWL = "schedule=owl"
 SCAN = "schedule=output:scan_samples=128:scan_outputs=sentence_embedding"
 FINE = "scan_grid=0.2+0.3+0.4+0.5+0.55+0.6+0.65+0.7+0.8+0.9"  # the first default grid
 METRIC = "output_metric=full:scan_samples=128:scan_outputs=sentence_embedding"
+REORDER = "reorder=true"  # N:M: channel groups and head entries reordered first
 MINILM_RUNS = [  # the rows first, then the corrections, then the reference rows
     ("sparsegpt, 50% unstructured", SGPT_50),
     ("sparsegpt, 2:4", SGPT_24),
@@ -90,6 +91,10 @@ MINILM_RUNS = [  # the issue's rows first, then the corrections, then the refere
      f"{SGPT_50}:output_metric=diagonal:scan_samples=128:scan_outputs=sentence_embedding"),
     ("sparsegpt, 50%, error-correcting + ADMM, output metric", f"{SGPT_50}:{EC}:{ADMM}:{METRIC}"),
     ("sparsegpt, 2:4, error-correcting + ADMM, output metric", f"{SGPT_24}:{EC}:{ADMM}:{METRIC}"),
+    ("sparsegpt, 2:4, error-correcting + ADMM, output metric, reordered",
+     f"{SGPT_24}:{EC}:{ADMM}:{METRIC}:{REORDER}"),
+    ("sparsegpt, 2:4, reordered", f"{SGPT_24}:{REORDER}"),
+    ("wanda, 2:4, reordered", f"sparsify:pattern=nm:nm=2of4:method=wanda:{REORDER}"),
     ("sparsegpt, 50% output scan, error-correcting + ADMM, output metric",
      f"{SGPT_50}:{SCAN}:{EC}:{ADMM}:output_metric=full"),
     ("sparsegpt, 50%, damp 0.1", f"{SGPT_50}:damp=0.1"),

@@ -1,4 +1,5 @@
-"""Physically remove channels: slice every constant of a group and fix dependent attributes."""
+"""Physically remove channels: slice every constant of a group and fix dependent attributes.
+Reordering a group's channels (`reorder_channels`) takes the same path with every channel kept."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from ir import Graph
 
 from .groups import ChannelGroup
 
-__all__ = ["kept_indices_of", "remove_channels"]
+__all__ = ["kept_indices_of", "remove_channels", "reorder_channels"]
 
 
 def kept_indices_of(group: ChannelGroup, kept: dict[int, np.ndarray]) -> np.ndarray:
@@ -55,13 +56,60 @@ def remove_channels(graph: Graph, groups: list[ChannelGroup], kept: dict[int, np
             target = np.array(node.output.shape, dtype=np.int64)
             target[axis] = -1
             node.set_input(1, graph.add_constant(node.name + "_shape", target))
+    edits = []
     for value, axes in slices.values():
         array = value.const
         for axis, indices in axes.items():
             array = np.take(array, indices, axis=axis)
-        replacement = graph.add_constant(value.name + "_pruned", np.ascontiguousarray(array))
+        edits.append((value, array))
+    _replace(graph, edits, "_pruned")
+    return removed
+
+
+def reorder_channels(graph: Graph, orders: list[tuple[ChannelGroup, np.ndarray, bool]],
+                     head_bases: list[tuple[ChannelGroup, np.ndarray]] = ()) -> None:
+    """Put each group's channels in its order (a permutation) in every constant the group acts
+    on; the model computes the same function. With `within_heads` (a heads group whose
+    `within_heads_reorderable` is set) the order runs over the heads' entries,
+    size * unit_span, so each head's entries can be reordered among themselves.
+
+    `head_bases` go further for heads groups whose head-size axes only meet linear ops: the
+    entries x of head h become x B_h (B [heads, head size, head size], each B_h orthogonal).
+    Every constant along the group's axis is multiplied by B_h on that axis: a producer's
+    columns (x = u W, so x B = u (W B)) and a consumer's rows alike (x W = (x B)(B^T W), and
+    row e of B^T W is sum_d B[d, e] W[d], the same product along the rows). Changes of
+    several groups compose on a constant they share."""
+    edits: dict[int, tuple] = {}
+
+    def edit(value, array) -> None:
+        edits[id(value)] = (value, array)
+
+    def current(value) -> np.ndarray:
+        return edits[id(value)][1] if id(value) in edits else value.const
+
+    for group, order, within_heads in orders:
+        per_unit = group.unit_span if within_heads else 1
+        for action in group.actions:
+            indices = _expand(np.asarray(order), action.span // per_unit)
+            edit(action.value, np.take(current(action.value), indices, axis=action.axis))
+    for group, bases in head_bases:
+        heads, size = bases.shape[:2]
+        for action in group.actions:
+            if action.span != size:
+                raise ValueError(f"{action.value.name}: {action.span} entries per head, "
+                                 f"not {size}")
+            array = np.moveaxis(current(action.value), action.axis, -1)
+            mixed = np.einsum("...hd,hde->...he", array.reshape(*array.shape[:-1], heads, size),
+                              bases).reshape(array.shape)
+            edit(action.value, np.moveaxis(mixed, -1, action.axis).astype(array.dtype))
+    _replace(graph, edits.values(), "_reordered")
+
+
+def _replace(graph: Graph, edits, suffix: str) -> None:
+    """Swap each (constant, new array) pair in for every use of the constant."""
+    for value, array in edits:
+        replacement = graph.add_constant(value.name + suffix, np.ascontiguousarray(array))
         replacement.meta.update(value.meta)
         for node, index in value.uses():
             node.set_input(index, replacement)
     graph.remove_unused_constants()
-    return removed

@@ -33,6 +33,7 @@ from ir import Graph, Node, Value
 __all__ = ["Dim", "Action", "ChannelGroup", "GroupAnalysis", "analyze_groups"]
 
 Dim = tuple[int, int]  # (id(value), axis)
+HEAD_SIZE_REASON = "head size of "  # the freeze reason of a head split's head-size axis
 
 
 @dataclass
@@ -59,6 +60,10 @@ class ChannelGroup:
     reshapes: list[tuple[Node, int]] = field(default_factory=list)
     kind: str = "channels"  # "heads" for attention heads (one unit = a span of hidden units)
     unit_span: int = 1      # hidden units per unit (head size), for rounding kept counts
+    # Heads only: the entries inside each head may also be reordered, each head by its own order
+    # (see GroupAnalysis._mark_reorderable_heads); the classes of its head-size axes.
+    within_heads_reorderable: bool = False
+    head_size_classes: list["ChannelGroup"] = field(default_factory=list)
 
     @property
     def sources(self) -> list[Action]:
@@ -89,6 +94,7 @@ class GroupAnalysis:
         self.depthwise: dict[Dim, list[Node]] = {}
         self.reshapes: dict[Dim, list[tuple[Node, int]]] = {}
         self.expansions: list[tuple[Dim, Dim, int, str]] = []  # (feature, unit, span, kind)
+        self.head_sizes: list[tuple[Dim, Dim]] = []  # (heads dim, head-size dim) of head reshapes
 
     # -- union-find ------------------------------------------------------------------------------
     def dim(self, value: Value, axis: int) -> Dim:
@@ -146,7 +152,39 @@ class GroupAnalysis:
             if group.derived_from and group.frozen:
                 for part, _, _ in group.derived_from:
                     part.frozen.append("feeds a Concat whose output is frozen")
+        self._mark_reorderable_heads(by_root)
         return [g for g in by_root.values() if g.actions or g.derived_from]
+
+    def _mark_reorderable_heads(self, by_root: dict[Dim, ChannelGroup]) -> None:
+        """A heads group may reorder the entries inside each head (V's columns and the output
+        projection's rows of one head, say) when its head-size axes are touched by nothing but
+        the head reshapes and ops that treat every head alike: no constant acts on them, no
+        other freeze, no Concat, and every tensor that carries them also carries this group's
+        heads axis (so a per-head order never meets a tensor without heads)."""
+        concat_roots = {self.find(out) for out, _ in self.concats} | {
+            self.find(part) for _, parts in self.concats for part, _, _ in parts}
+        inner: dict[int, tuple[ChannelGroup, set[Dim]]] = {}
+        owners: dict[Dim, set[int]] = {}
+        for heads, size in self.head_sizes:
+            group, root = by_root.get(self.find(heads)), self.find(size)
+            if group is None:
+                continue
+            inner.setdefault(id(group), (group, set()))[1].add(root)
+            owners.setdefault(root, set()).add(id(group))
+        for group, roots in inner.values():
+            carried = {id(value) for value, _ in group.dims}
+            group.within_heads_reorderable = all(
+                root in by_root and root not in concat_roots and owners[root] == {id(group)}
+                and self._only_head_sized(by_root[root], carried) for root in roots)
+            if group.within_heads_reorderable:
+                group.head_size_classes = [by_root[root] for root in sorted(roots)]
+
+    @staticmethod
+    def _only_head_sized(size_class: ChannelGroup, carried: set[int]) -> bool:
+        return (not size_class.actions and not size_class.derived_from
+                and not size_class.depthwise and not size_class.reshapes
+                and all(reason.startswith(HEAD_SIZE_REASON) for reason in size_class.frozen)
+                and all(id(value) in carried for value, _ in size_class.dims))
 
     def _merge_expansions(self, by_root: dict[Dim, ChannelGroup]) -> None:
         """Fold each expanded feature class into its unit group (actions get the span)."""
@@ -339,7 +377,8 @@ def _head_reshape(analysis: GroupAnalysis, node: Node, grouped: Value, flat: Val
     heads = analysis.dim(grouped, rank - 2)
     analysis.expand(analysis.dim(flat, -1), heads, int(grouped.shape[-1]), "heads")
     analysis.reshapes.setdefault(heads, []).append((node, rank - 2))
-    analysis.freeze(grouped, f"head size of {node.name}", [rank - 1])
+    analysis.freeze(grouped, f"{HEAD_SIZE_REASON}{node.name}", [rank - 1])
+    analysis.head_sizes.append((heads, analysis.dim(grouped, rank - 1)))
 
 
 def _split_last_axis(analysis: GroupAnalysis, node: Node) -> None:
