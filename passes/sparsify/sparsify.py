@@ -143,7 +143,9 @@ class Sparsify(Pass):
             return PassResult(False, ["sparsify: no layer to sparsify"], {"skipped": skipped})
         self._metrics = {}
         reordered = []
-        if self.reorder and pattern.kind == "n:m":
+        if self.reorder and pattern.kind != "n:m":
+            notes.append(f"sparsify: reorder=true only changes N:M masks; ignored for {pattern}")
+        elif self.reorder:
             reordered = self._reorder(model, ctx, pattern, targets, notes)
             # The same layers with their new weights (renamed, so not selected by name again).
             chosen = {id(t.node) for t in targets}

@@ -169,6 +169,7 @@ def test_reorder_report_and_non_nm_patterns():
     report = passes.compress(model, "sparsify:sparsity=0.5:method=wanda:samples=8:min_size=1:"
                                     "reorder=true")
     assert "reordered" not in report.passes[-1].details
+    assert any("reorder=true only changes N:M masks" in note for note in report.passes[-1].notes)
     # A magnitude mask ignores activations: reordering for it is refused with one line.
     with pytest.raises(passes.OptionError, match="reorder=true needs method=wanda"):
         passes.compress(ir.load_model(proto), "sparsify:pattern=nm:reorder=true")
