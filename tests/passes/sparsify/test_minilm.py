@@ -50,6 +50,31 @@ def test_sparsegpt_beats_magnitude_on_one_block(dense32, tmp_path):
     assert by_method["sparsegpt"] > 0.97, by_method
 
 
+def test_reordering_and_new_head_bases_keep_the_real_model_unchanged(dense32):
+    # The exporter's real attention graph: every FFN group gets a random order and every head a
+    # random orthogonal basis (what `reorder=true` may apply); the embeddings must not move.
+    import numpy as np
+
+    import ir
+    from passes.prune.apply import reorder_channels
+    from passes.sparsify.layers import find_targets
+    from passes.sparsify.permute import reorder_candidates
+    model = ir.load_model(dense32)
+    passes.prepare(model)
+    candidates = reorder_candidates(model.graph, find_targets(model.graph, ["MatMul"]), 4)
+    heads = [c for c in candidates if c.within_heads]
+    ffn = [c for c in candidates if not c.within_heads]
+    assert len(heads) == 6 and len(ffn) == 6 and all(c.rotatable for c in heads)
+    rng = np.random.default_rng(0)
+    size = heads[0].group.unit_span
+    bases = [(c.group, np.stack([np.linalg.qr(rng.standard_normal((size, size)))[0]
+                                 for _ in range(c.group.size)])) for c in heads]
+    reorder_channels(model.graph, [(c.group, rng.permutation(c.group.size), False) for c in ffn],
+                     bases)
+    result = minilm.cosine_to_reference(ir.to_onnx(model))
+    assert result["cosine_min"] > 0.99999, result
+
+
 OUTPUT_SCAN = ("sparsify:sparsity=0.5:method=sparsegpt:schedule=output:scan_samples=128:"
                "scan_outputs=sentence_embedding")
 
