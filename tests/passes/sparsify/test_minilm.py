@@ -114,6 +114,7 @@ MEASURED = [
     (f"{OUTPUT_SCAN}:error_correction=true:admm=true", 0.9604),
     (f"sparsify:sparsity=0.5:method=sparsegpt:error_correction=true:admm=true:{METRIC}", 0.9556),
     (BEST_24, 0.9075),
+    ("sparsify:pattern=nm:nm=2of4:method=sparsegpt:reorder=true", 0.8486),
 ]
 
 
