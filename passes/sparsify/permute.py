@@ -30,11 +30,12 @@ they are.
 The order maximises the saliency an N:M mask keeps, summed over the consumers' rows: the square
 of the Wanda score, (|w| x input norm)^2. It serves masks that see the activations (Wanda,
 SparseGPT). For a magnitude mask no grouping reliably lowers the output error (2:4 on 1x1
-convs, this session: ordered for |w|^2 or for the Wanda score, the output error still rose on
-random-weight ResNet50 and SqueezeNet), so the pass refuses that combination. The search is
-the greedy channel swap: for each channel, the swap with another group's channel that gains the
-most, applied at once, over sweeps until no swap gains. With A_c = the best N of c's group
-without c and B_c = the N-th largest of those (per row), putting y in c's place keeps
+convs, bench/results/sparsify.md: ordered for |w|^2 or for the Wanda score, the output error
+rose on random-weight ResNet50 and SqueezeNet), so the pass refuses that combination.
+
+The search is the greedy channel swap: for each channel, the swap with another group's channel
+that gains the most, applied at once, over sweeps until no swap gains. With A_c = the best N of
+c's group without c and B_c = the N-th largest of those (per row), putting y in c's place keeps
 A_c + max(0, y - B_c), so all swap gains of one channel cost two [rows, K] passes.
 """
 
