@@ -233,3 +233,31 @@ def test_layers_excluded_by_weight_name_stay_dense_after_reordering():
     assert {r["kind"] for r in details["reordered"]} == {"channels", "basis within heads"}
     weights = [layer["weight"] for layer in details["layers"]]
     assert len(weights) == 5 and not any(name.startswith("up") for name in weights)
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_consumers_in_either_weight_layout(trans_b):
+    # x[4,16] -> Gemm(32) -> Relu -> Gemm(8): the hidden units feed the second Gemm, whose
+    # weight is [in, out] (transB=0) or [out, in] (transB=1); the first half of the units is 10x
+    # stronger, so only a reordering lets 2:4 keep every strong input.
+    rng = np.random.default_rng(7)
+    w1 = (rng.standard_normal((16, 32)) * np.repeat([10.0, 0.1], 16)[None, :]).astype(np.float32)
+    w2 = rng.standard_normal((32, 8)).astype(np.float32)
+    layouts = {"w1": w1.T if trans_b else w1, "w2": w2.T if trans_b else w2}
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=trans_b, name="g1"),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "w2"], ["y"], transB=trans_b, name="g2")]
+    inits = [numpy_helper.from_array(a, n) for n, a in layouts.items()]
+    inits.append(numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), "b1"))
+    graph = helper.make_graph(nodes, "gemms", [helper.make_tensor_value_info("x", 1, [4, 16])],
+                              [helper.make_tensor_value_info("y", 1, [4, 8])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = rng.standard_normal((4, 16)).astype(np.float32)
+    spec = ("sparsify:pattern=nm:nm=2of4:method=wanda:samples=8:include_first_last=true:"
+            "min_size=1:exclude=g1")
+    errors = []
+    for options in ("", ":reorder=true"):
+        sparse = passes.apply(proto, spec + options)
+        got, want = run_onnx(sparse, {"x": x})[0], run_onnx(proto, {"x": x})[0]
+        errors.append(float(np.linalg.norm(got - want) / np.linalg.norm(want)))
+    assert errors[1] < 0.2 * errors[0]
