@@ -355,6 +355,8 @@ class ShowGroups(Pass):
             state = "prunable" if info["prunable"] else "frozen: " + "; ".join(info["frozen"][:2])
             if info["derived"]:
                 state = "follows its Concat inputs"
+            if info.get("entries_reorderable"):
+                state += f"; {info['head_size']} entries per head, reorderable (sparsify reorder)"
             lines.append(f"group {info['group']}: {info['channels']} channels, {state}; "
                          f"{', '.join(info['members'][:6])}")
         print("\n".join(lines))

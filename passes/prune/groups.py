@@ -76,9 +76,13 @@ class ChannelGroup:
     def describe(self) -> dict:
         members = sorted({f"{a.node.name if a.node else a.value.name}:{a.role}"
                           for a in self.actions})
-        return {"group": self.index, "kind": self.kind, "channels": self.size,
+        info = {"group": self.index, "kind": self.kind, "channels": self.size,
                 "prunable": self.prunable, "frozen": sorted(set(self.frozen)),
                 "members": members, "derived": bool(self.derived_from)}
+        if self.kind == "heads":
+            info.update(head_size=self.unit_span,
+                        entries_reorderable=self.within_heads_reorderable)
+        return info
 
 
 class GroupAnalysis:

@@ -131,6 +131,11 @@ def test_a_constant_on_the_head_size_axis_keeps_the_entries_in_place():
     model = _model(proto)
     candidates = reorder_candidates(model.graph, find_targets(model.graph, ["MatMul"]), 4)
     assert [c.within_heads for c in candidates] == [False]
+    # show-groups says which heads groups allow it.
+    for variant, reorderable in ((_attention_ffn_model(), True), (proto, False)):
+        groups = passes.compress(ir.load_model(variant), "show-groups").passes[-1].details
+        heads = [g for g in groups["groups"] if g["kind"] == "heads"]
+        assert [g["entries_reorderable"] for g in heads] == [reorderable]
 
 
 def test_pass_reorders_then_sparsifies_with_less_output_error():
