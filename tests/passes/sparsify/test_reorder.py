@@ -1,7 +1,8 @@
 """Channel reordering for N:M sparsity (`sparsify:reorder=true`, passes/sparsify/permute.py):
-the search keeps more saliency than the identity order, the reordered model computes the same
-function, the analysis refuses head-size axes that something else reads, and the pass loses
-less output than without reordering."""
+the search keeps more saliency than the identity order; the reordered model, and one whose
+heads took new orthogonal bases, computes the same function; the analysis refuses head-size
+axes that a constant or a nonlinear op reads; the pass loses less output than without
+reordering, selects the same layers, and refuses magnitude masks."""
 
 import numpy as np
 import pytest
