@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -123,8 +122,7 @@ def main() -> None:
           "saliency kept (mean) | s |")
     print("|---|---|---|---|---|---|---|---|")
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory():
-        bench(rows)
+    bench(rows)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(rows, indent=1))
 
