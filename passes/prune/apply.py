@@ -35,7 +35,7 @@ def remove_channels(graph: Graph, groups: list[ChannelGroup], kept: dict[int, np
     one group and its inputs by another); slices compose because they touch different axes. A
     constant shared by several nodes is replaced once. Returns the number of channels removed.
     """
-    slices: dict[int, tuple] = {}
+    changes: dict[int, tuple] = {}
     removed = 0
     for group in groups:
         indices = kept_indices_of(group, kept)
@@ -44,9 +44,7 @@ def remove_channels(graph: Graph, groups: list[ChannelGroup], kept: dict[int, np
         if group.index in kept:
             removed += group.size - len(indices)
         for action in group.actions:
-            value, axes = slices.get(id(action.value), (action.value, {}))
-            axes[action.axis] = _expand(indices, action.span)
-            slices[id(action.value)] = (value, axes)
+            _plan(changes, action, _expand(indices, action.span))
         for node in group.depthwise:
             node.attrs["group"] = int(len(indices))
         for node, axis in group.reshapes:
@@ -56,13 +54,7 @@ def remove_channels(graph: Graph, groups: list[ChannelGroup], kept: dict[int, np
             target = np.array(node.output.shape, dtype=np.int64)
             target[axis] = -1
             node.set_input(1, graph.add_constant(node.name + "_shape", target))
-    edits = []
-    for value, axes in slices.values():
-        array = value.const
-        for axis, indices in axes.items():
-            array = np.take(array, indices, axis=axis)
-        edits.append((value, array))
-    _replace(graph, edits, "_pruned")
+    _apply(graph, changes, "_pruned")
     return removed
 
 
@@ -79,35 +71,42 @@ def reorder_channels(graph: Graph, orders: list[tuple[ChannelGroup, np.ndarray, 
     columns (x = u W, so x B = u (W B)) and a consumer's rows alike (x W = (x B)(B^T W), and
     row e of B^T W is sum_d B[d, e] W[d], the same product along the rows). Changes of
     several groups compose on a constant they share."""
-    edits: dict[int, tuple] = {}
-
-    def edit(value, array) -> None:
-        edits[id(value)] = (value, array)
-
-    def current(value) -> np.ndarray:
-        return edits[id(value)][1] if id(value) in edits else value.const
-
+    changes: dict[int, tuple] = {}
     for group, order, within_heads in orders:
         per_unit = group.unit_span if within_heads else 1
         for action in group.actions:
-            indices = _expand(np.asarray(order), action.span // per_unit)
-            edit(action.value, np.take(current(action.value), indices, axis=action.axis))
+            _plan(changes, action, _expand(np.asarray(order), action.span // per_unit))
     for group, bases in head_bases:
-        heads, size = bases.shape[:2]
         for action in group.actions:
-            if action.span != size:
+            if action.span != bases.shape[1]:
                 raise ValueError(f"{action.value.name}: {action.span} entries per head, "
-                                 f"not {size}")
-            array = np.moveaxis(current(action.value), action.axis, -1)
-            mixed = np.einsum("...hd,hde->...he", array.reshape(*array.shape[:-1], heads, size),
-                              bases).reshape(array.shape)
-            edit(action.value, np.moveaxis(mixed, -1, action.axis).astype(array.dtype))
-    _replace(graph, edits.values(), "_reordered")
+                                 f"not {bases.shape[1]}")
+            _plan(changes, action, bases)
+    _apply(graph, changes, "_reordered")
 
 
-def _replace(graph: Graph, edits, suffix: str) -> None:
-    """Swap each (constant, new array) pair in for every use of the constant."""
-    for value, array in edits:
+def _plan(changes: dict[int, tuple], action, change: np.ndarray) -> None:
+    """Record the change of one axis of a constant: indices to take (1-D) or per-head bases
+    (3-D). A constant that several nodes of one group read is acted on once per read, always
+    with the same change, so each axis keeps one entry and is changed once."""
+    value, axes = changes.setdefault(id(action.value), (action.value, {}))
+    axes[action.axis] = change
+
+
+def _apply(graph: Graph, changes: dict[int, tuple], suffix: str) -> None:
+    """Swap each changed constant in for every use of the original. Changes of different axes
+    compose (a Conv weight's outputs belong to one group, its inputs to another)."""
+    for value, axes in changes.values():
+        array = value.const
+        for axis, change in axes.items():
+            if change.ndim == 1:
+                array = np.take(array, change, axis=axis)
+                continue
+            heads, size = change.shape[:2]
+            moved = np.moveaxis(array, axis, -1)
+            mixed = np.einsum("...hd,hde->...he", moved.reshape(*moved.shape[:-1], heads, size),
+                              change).reshape(moved.shape)
+            array = np.moveaxis(mixed, -1, axis).astype(value.const.dtype)
         replacement = graph.add_constant(value.name + suffix, np.ascontiguousarray(array))
         replacement.meta.update(value.meta)
         for node, index in value.uses():

@@ -267,3 +267,27 @@ def test_gemm_consumers_in_either_weight_layout(trans_b):
         got, want = run_onnx(sparse, {"x": x})[0], run_onnx(proto, {"x": x})[0]
         errors.append(float(np.linalg.norm(got - want) / np.linalg.norm(want)))
     assert errors[1] < 0.2 * errors[0]
+
+
+def test_a_constant_read_twice_along_the_group_is_reordered_once():
+    # The same bias constant is added twice to the hidden units (exporters dedupe identical
+    # initializers): the group acts on it twice, and it must still be reordered once.
+    rng = np.random.default_rng(8)
+    inits = {"w0": rng.standard_normal((8, 16)), "b": rng.standard_normal(16),
+             "w1": rng.standard_normal((16, 4))}
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["m"]),
+             helper.make_node("Add", ["m", "b"], ["a1"]),
+             helper.make_node("Relu", ["a1"], ["r"]),
+             helper.make_node("Add", ["r", "b"], ["a2"]),
+             helper.make_node("MatMul", ["a2", "w1"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "shared", [helper.make_tensor_value_info("x", 1, [2, 8])],
+        [helper.make_tensor_value_info("y", 1, [2, 4])],
+        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in inits.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = _model(proto)
+    [candidate] = reorder_candidates(model.graph, find_targets(model.graph, ["MatMul"]), 4)
+    reorder_channels(model.graph, [(candidate.group, rng.permutation(16), False)])
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    np.testing.assert_allclose(run_onnx(ir.to_onnx(model), {"x": x})[0],
+                               run_onnx(proto, {"x": x})[0], rtol=1e-5, atol=1e-5)
