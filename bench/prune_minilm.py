@@ -3,13 +3,15 @@ original after removing FFN units and attention heads (prune-channels) or whole 
 (prune-layers), what each configuration kept per layer, and onnxruntime latency of the pruned
 models next to the original (one process, rounds alternating between the models).
 
-    python bench/prune_minilm.py [--seq-len 64] [--calib 256] [--jobs 1] [--only TEXT]
-                                 [--json bench/out/prune_minilm.json]
+    python bench/prune_minilm.py [--seq-len 64] [--calib 256] [--corpus prose] [--jobs 1]
+                                 [--only TEXT] [--json bench/out/prune_minilm.json]
 
 Cosine: models.minilm.cosine_to_reference (24 held-out sentences, mean-pooled, vs the unpruned
-model at the same seq_len). Calibration: `--calib` single prose sentences of
-models.minilm.corpus (calibration_npz(corpus="prose"), disjoint from the evaluation sentences);
-data-aware passes use all of them (`samples=N` in the specs) and leave padding tokens out.
+model at the same seq_len), and the same on the ~150 lines of models.minilm.corpus that are held
+out of calibration ("held-out"). Calibration: `--calib` texts of models.minilm.corpus
+(calibration_npz(corpus=--corpus): "everyday" sentences or documentation "prose", both disjoint
+from the evaluation sentences); data-aware passes use all of them (`samples=N` in the specs) and
+leave padding tokens out.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ir  # noqa: E402
 import passes  # noqa: E402
 from models.minilm import calibration_npz, cosine_to_reference, model_path  # noqa: E402
+from models.minilm.corpus import held_out_everyday  # noqa: E402
 
 CHANNEL = "prune-channels:ratio=0.3:head_ratio=0.25"
 BOTH, HEADS, FFN, LAYERS = ("FFN 30% + heads 25%", "heads 25% only", "FFN 30% only",
@@ -107,10 +110,12 @@ def _run_config(spec_entry, reference: str, calib: str):
     seconds = time.perf_counter() - start
     proto = ir.to_onnx(model)
     cosine = cosine_to_reference(proto, reference)
+    held_out = cosine_to_reference(proto, reference, held_out_everyday())
     row = {"what": label, "spec": spec, "seconds": seconds,
            "kept": kept_summary(report.passes[-1].details),
            "macs_kept": report.after["macs"] / report.before["macs"],
-           "params_kept": report.after["params"] / report.before["params"], **cosine}
+           "params_kept": report.after["params"] / report.before["params"], **cosine,
+           "held_out_mean": held_out["cosine_mean"], "held_out_min": held_out["cosine_min"]}
     print(f"{spec}: cosine {cosine['cosine_mean']:.4f} ({seconds:.0f}s) {row['kept']}",
           file=sys.stderr, flush=True)
     return row, proto.SerializeToString()
@@ -120,6 +125,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--calib", type=int, default=256)
+    parser.add_argument("--corpus", default="prose", choices=("prose", "everyday"),
+                        help="calibration texts (models.minilm.calibration_npz)")
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--only", default="", help="run only specs containing this text")
     parser.add_argument("--jobs", type=int, default=1, help="configurations run in parallel "
@@ -128,7 +135,7 @@ def main() -> None:
     args = parser.parse_args()
     reference = model_path(seq_len=args.seq_len)
     calib = calibration_npz(Path(args.json).with_suffix(".calib.npz"), n=args.calib,
-                            seq_len=args.seq_len, corpus="prose")
+                            seq_len=args.seq_len, corpus=args.corpus)
     specs = [(label, template.format(n=args.calib), short) for label, template, short in CONFIGS
              if args.only in template.format(n=args.calib)]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
@@ -151,20 +158,23 @@ def main() -> None:
             samples[name].append(_latency_ms(session, feed, args.runs))
     latency = {name: float(np.median(v)) for name, v in samples.items()}
 
-    print(f"MiniLM (seq_len {args.seq_len}, batch 1), calibration: {args.calib} prose sentences\n")
+    print(f"MiniLM (seq_len {args.seq_len}, batch 1), calibration: {args.calib} {args.corpus} "
+          "texts\n")
     print("| removed | spec | kept per layer | MACs kept | params kept | cosine mean | "
-          "cosine min | pass time (s) |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+          "cosine min | held-out mean | held-out min | pass time (s) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['what']} | `{r['spec']}` | {r['kept']} | {r['macs_kept']:.3f} | "
               f"{r['params_kept']:.3f} | {r['cosine_mean']:.4f} | {r['cosine_min']:.4f} | "
-              f"{r['seconds']:.0f} |")
+              f"{r['held_out_mean']:.4f} | {r['held_out_min']:.4f} | {r['seconds']:.0f} |")
     print("\n| model (onnxruntime CPU, batch 1) | median latency (ms) | speedup |")
     print("|---|---:|---:|")
     for name, value in latency.items():
         print(f"| {name} | {value:.2f} | {latency['original'] / value:.2f}x |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"rows": rows, "latency_ms": latency}, indent=1))
+    Path(args.json).write_text(json.dumps({"rows": rows, "latency_ms": latency,
+                                           "calibration": f"{args.calib} x {args.corpus}"},
+                                          indent=1))
 
 
 if __name__ == "__main__":

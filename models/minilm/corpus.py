@@ -8,13 +8,23 @@ are not enough. This module gathers a few hundred passages of real English:
 - `pydoc_data.topics` (the Python reference manual's prose, ~450 KB, part of the stdlib),
 - the dataset descriptions `sklearn/datasets/descr/*.rst` (when scikit-learn is installed),
 - the docstrings of the stdlib's top-level modules (read with `ast`, nothing is imported),
-- `evaluate.CALIBRATION_SENTENCES` (everyday sentences, written for this project).
+- `evaluate.CALIBRATION_SENTENCES` (everyday sentences, written for this project),
+- `everyday.txt`: ~1200 everyday English texts (single sentences, short questions, two- and
+  three-sentence snippets across many domains), written for this project by a helper that never
+  saw the evaluation sentences; the 7 lines it wrote within a difflib ratio of 0.7 of an
+  evaluation or ranking sentence were removed (`tests/models/test_minilm.py` keeps it so).
+  Every eighth line is held out of calibration (`held_out_everyday`): a second, larger
+  evaluation set that shows whether a gain from calibrating on everyday text carries over to
+  sentences no pass has seen.
 
 Paragraphs are kept when they read as prose (no indented code, mostly letters) and split into
 sentences. `calibration_texts` returns single sentences (words=0; measured best for SparseGPT on
 MiniLM, whose evaluation sentences are short: the [CLS]/[SEP] tokens then weigh in the statistics
 as they do at evaluation) or, with words > 0, the sentences of one document packed in order into
-passages of about `words` words, which fill a 128-token sequence with little padding. Everything is
+passages of about `words` words, which fill a 128-token sequence with little padding.
+`everyday_texts` returns the everyday calibration texts alone (corpus="everyday" of
+`evaluate.calibration_npz`): a sentence-embedding model is used on short everyday text, and its
+layer statistics on documentation prose differ from those. Everything is
 deterministic (sorted sources, no randomness). None of it overlaps the evaluation sentences
 (`evaluate.EVAL_SENTENCES` / `RANKING_TRIPLES`), which `calibration_passages` checks.
 """
@@ -25,12 +35,14 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["prose_documents", "calibration_texts"]
+__all__ = ["prose_documents", "calibration_texts", "everyday_texts", "held_out_everyday"]
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\"'])")
 # Lines that are code, reST markup or headings rather than prose; list markers are stripped.
 _MARKUP = re.compile(r"^(\s|[*=\-~^#+|.:]{3,}|\.\. |>>>)")
 _LIST_MARKER = re.compile(r"^([-*]|\d+\.)\s+")
+_EVERYDAY_FILE = Path(__file__).with_name("everyday.txt")
+_HELD_OUT_EVERY = 8  # every eighth line of everyday.txt is never used for calibration
 
 
 def _prose_paragraphs(text: str) -> list[str]:
@@ -134,3 +146,29 @@ def calibration_texts(n: int, words: int = 0) -> list[str]:
     if leaked:  # cannot happen with the shipped sources; guards future edits of the lists
         raise AssertionError(f"calibration text contains evaluation sentences: {leaked[:2]}")
     return texts
+
+
+@lru_cache(maxsize=None)
+def _everyday_lines() -> tuple[str, ...]:
+    return tuple(line.strip() for line in _EVERYDAY_FILE.read_text(encoding="utf-8").splitlines()
+                 if line.strip())
+
+
+def held_out_everyday() -> list[str]:
+    """The lines of everyday.txt kept out of calibration (every eighth, ~150): for evaluation."""
+    return [line for i, line in enumerate(_everyday_lines())
+            if i % _HELD_OUT_EVERY == _HELD_OUT_EVERY - 1]
+
+
+def everyday_texts(n: int) -> list[str]:
+    """`n` everyday calibration texts: CALIBRATION_SENTENCES then the calibration lines of
+    everyday.txt (~1100 in all), taken at even spacing when `n` is smaller so that every domain
+    of the file is represented; raises ValueError when more are requested than exist."""
+    from .evaluate import CALIBRATION_SENTENCES
+
+    held_out = set(held_out_everyday())
+    pool = list(CALIBRATION_SENTENCES) + [line for line in _everyday_lines()
+                                          if line not in held_out]
+    if not 1 <= n <= len(pool):
+        raise ValueError(f"the everyday corpus has {len(pool)} texts, {n} requested")
+    return [pool[i * len(pool) // n] for i in range(n)]

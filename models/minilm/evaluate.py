@@ -7,7 +7,8 @@
   model that degrades to bag-of-words similarity loses points. The original model scores 1.0.
 - `calibration_npz`: the project's `--calib` file from CALIBRATION_SENTENCES, a list disjoint
   from the evaluation sentences so that data-aware passes are not tuned on the test set, or
-  (n > 48, corpus="prose" or "passages") from the larger prose corpus of `models.minilm.corpus`.
+  (n > 48, corpus="prose" or "passages") from the larger prose corpus of `models.minilm.corpus`,
+  or (corpus="everyday") from its everyday sentences.
 
 Every evaluation and ranking sentence fits in 32 tokens with [CLS]/[SEP], so models built with
 seq_len >= 32 see them untruncated and score the same across seq_len. Every sixth calibration
@@ -204,18 +205,20 @@ def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def cosine_to_reference(candidate_model, reference_model=None) -> dict:
-    """{"cosine_mean", "cosine_min", "sentences"} of candidate vs reference on EVAL_SENTENCES.
+def cosine_to_reference(candidate_model, reference_model=None, sentences=None) -> dict:
+    """{"cosine_mean", "cosine_min", "sentences"} of candidate vs reference on `sentences`
+    (default EVAL_SENTENCES; `models.minilm.corpus.held_out_everyday()` is a second, larger set).
 
     The reference defaults to the uncompressed model built (cached) for the candidate's static
     shapes.
     """
+    sentences = EVAL_SENTENCES if sentences is None else list(sentences)
     candidate = _Runner(candidate_model)
     if reference_model is None:
         reference_model = model_path(seq_len=candidate.seq_len, batch=candidate.batch)
-    cos = _row_cosine(candidate.embed(EVAL_SENTENCES), embed(reference_model, EVAL_SENTENCES))
+    cos = _row_cosine(candidate.embed(sentences), embed(reference_model, sentences))
     return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
-            "sentences": len(EVAL_SENTENCES)}
+            "sentences": len(sentences)}
 
 
 def ranking_accuracy(model) -> float:
@@ -233,7 +236,9 @@ def calibration_npz(path, n: int = 32, seq_len: int = 128, corpus: str = "auto")
     corpus="prose": `models.minilm.corpus.calibration_texts(n)` — single sentences of English
     prose (stdlib/scikit-learn documentation, ~23 tokens each), one everyday sentence in eight;
     corpus="passages": the same prose packed into ~110-word passages that fill most of a
-    128-token sequence; "auto" picks sentences for n <= 48 and prose above.
+    128-token sequence; corpus="everyday": `models.minilm.corpus.everyday_texts(n)` — everyday
+    English sentences and short snippets (n <= ~1100), the kind of text the model embeds in use;
+    "auto" picks sentences for n <= 48 and prose above.
     Keys are the graph input names; each array is int64 [n, seq_len], i.e. one batch item per
     sample, which the project's CalibrationSet groups into the model's static batch size.
     """
@@ -248,8 +253,12 @@ def calibration_npz(path, n: int = 32, seq_len: int = 128, corpus: str = "auto")
             raise ValueError(f"n must be >= 1, got {n}")
         from .corpus import calibration_texts
         texts = calibration_texts(n, words=0 if corpus == "prose" else 110)
+    elif corpus == "everyday":
+        from .corpus import everyday_texts
+        texts = everyday_texts(n)
     else:
-        raise ValueError(f"corpus must be auto, sentences, prose or passages, got {corpus!r}")
+        raise ValueError(f"corpus must be auto, sentences, prose, passages or everyday, "
+                         f"got {corpus!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as f:  # a file object keeps np.savez from appending ".npz"

@@ -134,6 +134,44 @@ def test_calibration_npz(tmp_path):
     assert not set(CALIBRATION_SENTENCES) & set(EVAL_SENTENCES)
 
 
+def test_everyday_corpus_is_disjoint_from_evaluation_and_split():
+    """The everyday calibration texts stay clear of the evaluation sentences (not even close
+    paraphrases), and the held-out lines never reach calibration."""
+    import difflib
+
+    from models.minilm.corpus import _everyday_lines, everyday_texts, held_out_everyday
+
+    lines = _everyday_lines()
+    assert len(lines) > 1000 and len(set(lines)) == len(lines)
+    evaluation = EVAL_SENTENCES + [s for triple in RANKING_TRIPLES for s in triple]
+    closest = max(difflib.SequenceMatcher(None, e.lower(), line.lower()).ratio()
+                  for e in evaluation for line in lines)
+    assert closest < 0.7
+    held_out = held_out_everyday()
+    pool = everyday_texts(len(lines) - len(held_out) + len(CALIBRATION_SENTENCES))
+    assert len(held_out) == len(lines) // 8 and not set(held_out) & set(pool)
+    assert set(pool) == set(lines) - set(held_out) | set(CALIBRATION_SENTENCES)
+    # A smaller n spans the whole file (evenly spaced), deterministically.
+    few = everyday_texts(100)
+    assert len(set(few)) == 100 and few == everyday_texts(100)
+    assert few[0] == CALIBRATION_SENTENCES[0] and few[-1] in lines[-16:]
+    with pytest.raises(ValueError, match="everyday corpus has"):
+        everyday_texts(len(pool) + 1)
+
+
+def test_calibration_npz_everyday_and_held_out_cosine(tmp_path, path):
+    from models.minilm.corpus import everyday_texts, held_out_everyday
+
+    calib = calibration_npz(tmp_path / "calib.npz", n=64, seq_len=SEQ, corpus="everyday")
+    with np.load(calib) as data:
+        np.testing.assert_array_equal(data["input_ids"],
+                                      tokenize(everyday_texts(64), SEQ)["input_ids"])
+    with pytest.raises(ValueError, match="corpus must be"):
+        calibration_npz(tmp_path / "x.npz", n=4, corpus="novels")
+    cos = cosine_to_reference(path, sentences=held_out_everyday())
+    assert cos["sentences"] == len(held_out_everyday()) and cos["cosine_min"] > 0.999999
+
+
 def test_cli_prints_metrics(path, capsys):
     evaluate_main([str(path)])
     assert re.fullmatch(r"cosine_mean=1\.0+ cosine_min=1\.0+ ranking=1\.000\n",
