@@ -242,7 +242,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--seq-len", type=int, default=128, help="MiniLM sequence length")
     parser.add_argument("--samples", type=int, default=512, help="MiniLM calibration texts")
-    parser.add_argument("--corpus", default="prose", choices=("prose", "passages", "sentences", "everyday"),
+    parser.add_argument("--corpus", default="prose",
+                        choices=("prose", "passages", "sentences", "everyday"),
                         help="MiniLM calibration corpus (models.minilm.calibration_npz)")
     parser.add_argument("--json", default="bench/out/sparsify.json")
     parser.add_argument("--configs", nargs="+", help="MiniLM rows to run (labels)")
