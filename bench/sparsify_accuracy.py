@@ -64,6 +64,7 @@ OWL = "schedule=owl"
 SCAN = "schedule=output:scan_samples=128:scan_outputs=sentence_embedding"
 FINE = "scan_grid=0.2+0.3+0.4+0.5+0.55+0.6+0.65+0.7+0.8+0.9"  # the first default grid
 METRIC = "output_metric=full:scan_samples=128:scan_outputs=sentence_embedding"
+RESIDUAL = "residual_correction=true"  # with EC / bias: aim at the residual Add's sum
 REORDER = "reorder=true"  # N:M: channel groups and head entries reordered first
 MINILM_RUNS = [  # the rows first, then the corrections, then the reference rows
     ("sparsegpt, 50% unstructured", SGPT_50),
@@ -95,6 +96,10 @@ MINILM_RUNS = [  # the issue's rows first, then the corrections, then the refere
     ("sparsegpt, 2:4, error-correcting + ADMM, output metric", f"{SGPT_24}:{EC}:{ADMM}:{METRIC}"),
     ("sparsegpt, 2:4, error-correcting + ADMM, output metric, reordered",
      f"{SGPT_24}:{EC}:{ADMM}:{METRIC}:{REORDER}"),
+    ("sparsegpt, 2:4, error-correcting + ADMM, output metric, reordered, residual + bias "
+     "correction", f"{SGPT_24}:{EC}:{ADMM}:{METRIC}:{REORDER}:{BIAS}:{RESIDUAL}"),
+    ("sparsegpt, 2:4, error-correcting + bias", f"{SGPT_24}:{EC}:{BIAS}"),
+    ("sparsegpt, 2:4, error-correcting + residual + bias", f"{SGPT_24}:{EC}:{BIAS}:{RESIDUAL}"),
     ("sparsegpt, 2:4, reordered", f"{SGPT_24}:{REORDER}"),
     ("wanda, 2:4, reordered", f"sparsify:pattern=nm:nm=2of4:method=wanda:{REORDER}"),
     ("sparsegpt, 50% output scan, error-correcting + ADMM, output metric",

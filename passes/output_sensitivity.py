@@ -197,10 +197,12 @@ def normalized_metric(sensitivity: np.ndarray, damp: float = METRIC_DAMP) -> np.
 
 def layer_output_metrics(model: Model, nodes: list[Node], calibration: CalibrationSet,
                          samples: int, mask_name: str | None, outputs: list[str], seed: int,
-                         full: bool, label: str) -> dict[str, np.ndarray]:
+                         full: bool, label: str,
+                         damp: float = METRIC_DAMP) -> dict[str, np.ndarray]:
     """For a pass: {node name: `normalized_metric` of the node's output} for linear layers
-    (MatMul/Gemm outputs: channels last; Conv: axis 1). An unknown output name or an op without
-    a gradient rule is the pass's OptionError, prefixed by `label` (e.g. the pass name)."""
+    (MatMul/Gemm outputs: channels last; Conv: axis 1), `damp` x I added to full metrics. An
+    unknown output name or an op without a gradient rule is the pass's OptionError, prefixed by
+    `label` (e.g. the pass name)."""
     from .core import OptionError
     values = list({id(node): node.output for node in nodes}.values())
     axes = {node.output.name: 1 for node in nodes if node.op_type == "Conv"}
@@ -212,5 +214,6 @@ def layer_output_metrics(model: Model, nodes: list[Node], calibration: Calibrati
         raise OptionError(f"{label}: scan_outputs: {exc.args[0]}") from None
     except NotDifferentiable as exc:
         raise OptionError(f"{label}: {exc}") from None
-    metrics = {node.name: normalized_metric(sensitivity[node.output.name]) for node in nodes}
+    metrics = {node.name: normalized_metric(sensitivity[node.output.name], damp)
+               for node in nodes}
     return {name: metric for name, metric in metrics.items() if metric is not None}

@@ -15,6 +15,11 @@ output of the same normalization node. `linear=true` adds the same fit on the ou
 compressed MatMul + bias layer (a per-output-channel scale and shift, folded into its weight
 columns and bias: a generalisation of bias correction).
 
+A channel whose compressed value correlates with the reference's by less than MIN_CORRELATION
+keeps its affine: it is not the same feature (`sparsify:reorder=true` permutes FFN units and
+rotates attention heads, so a layer's output channel j need not be the reference's channel j)
+or it is too broken for a scale and shift to mend.
+
 The fits run one at a time in graph order, each from the model with the earlier refits in place,
 so later layers see what the earlier refits changed. Fitting them all from one capture of the
 compressed model instead double-corrects: each affine undoes drift that the refits before it
@@ -67,6 +72,9 @@ NORM_OPS = ("LayerNormalization", "BatchNormalization")
 # A channel whose normalized value hardly varies on the calibration tokens cannot tell scale from
 # offset: keep its scale and fit only the offset. Relative to the mean variance over channels.
 _FLAT_CHANNEL = 1e-8
+# A channel whose compressed output correlates with the reference's by less than this is not the
+# same feature any more (reordered, or broken beyond what an affine can mend): left as it is.
+MIN_CORRELATION = 0.5
 
 
 @dataclass
@@ -297,16 +305,32 @@ class AffineFit:
         self.ny_sum += np.einsum("ij,ij->j", n, y)
         self.yy_sum += np.einsum("ij,ij->j", y, y)
 
-    def solve(self, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The least-squares (g, b) per channel; flat channels keep `scale` and fit b only."""
+    def solve(self, scale: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The least-squares (g, b) per channel; flat channels keep `scale` and fit b only;
+        unmatched channels (`unmatched`) keep `scale` and `bias`."""
         count = max(self.count, 1)
         n_mean, y_mean = self.n_sum / count, self.y_sum / count
         n_var = self.nn_sum / count - n_mean ** 2
         covariance = self.ny_sum / count - n_mean * y_mean
         flat = n_var <= _FLAT_CHANNEL * max(float(n_var.mean()), 1e-30)
-        g = np.where(flat, np.asarray(scale, np.float64).reshape(-1),
-                     covariance / np.where(flat, 1.0, n_var))
-        return g, y_mean - g * n_mean
+        scale = np.asarray(scale, np.float64).reshape(-1)
+        g = np.where(flat, scale, covariance / np.where(flat, 1.0, n_var))
+        b = y_mean - g * n_mean
+        unmatched = self.unmatched()
+        return np.where(unmatched, scale, g), np.where(unmatched, bias, b)
+
+    def unmatched(self) -> np.ndarray:
+        """Channels whose values correlate with the reference's by less than MIN_CORRELATION:
+        not the same feature (e.g. channels that `sparsify:reorder` permuted or rotated), so a
+        scale and shift would only squash them towards the reference's mean."""
+        count = max(self.count, 1)
+        n_mean, y_mean = self.n_sum / count, self.y_sum / count
+        n_var = self.nn_sum / count - n_mean ** 2
+        y_var = self.yy_sum / count - y_mean ** 2
+        covariance = self.ny_sum / count - n_mean * y_mean
+        flat = n_var <= _FLAT_CHANNEL * max(float(n_var.mean()), 1e-30)
+        spread = np.sqrt(np.maximum(n_var * y_var, 1e-300))
+        return ~flat & (covariance < MIN_CORRELATION * spread)
 
     def error(self, g: np.ndarray, b: np.ndarray) -> float:
         """sum (g n + b - y)^2 / sum y^2 over all channels and rows, from the sums."""
@@ -448,9 +472,10 @@ def refit_norms(model: Model, reference: Model, calibration: CalibrationSet,
         for i, fit in zip(stage, fits):
             point = points[i]
             old_scale, old_bias = point.current()
-            scale, bias = fit.solve(old_scale)
+            scale, bias = fit.solve(old_scale, old_bias)
             details["layers"].append({
                 "node": _key(point.node), "op": point.node.op_type, "rows": fit.count,
+                "unmatched_channels": int(fit.unmatched().sum()),
                 "error_before": round(fit.error(old_scale, old_bias), 6),
                 "error_after": round(fit.error(scale, bias), 6)})
             point.apply(model, scale, bias)
@@ -464,7 +489,9 @@ class RefitNorms(Pass):
     BatchNormalization after compression so that its output matches the uncompressed model's on
     calibration data: a closed-form least-squares fit per channel, layer by layer in graph order,
     each from the model with the earlier refits in place; `linear=true` also fits a scale and
-    shift per output channel of each compressed MatMul + bias layer. Place
+    shift per output channel of each compressed MatMul + bias layer (channels whose output no
+    longer correlates with the reference's, e.g. reordered by `sparsify:reorder`, are left as
+    they are). Place
     `refit-norms:mark=true` before the compressing passes (it keeps a copy of the model as the
     reference and changes nothing) and `refit-norms` after them; needs calibration data
     (`--calib`). Helps most after compression without reconstruction (MiniLM, magnitude 50%:

@@ -9,7 +9,7 @@ from ir import Model, copy_model
 from ..calibration import token_mask_input
 from ..core import OptionError, Option, Pass, PassContext, PassResult, register_pass
 from ..output_probe import output_probe
-from ..output_sensitivity import layer_output_metrics
+from ..output_sensitivity import METRIC_DAMP, layer_output_metrics
 from .admm import admm_mask
 from .bias import add_output_shift
 from .correction import error_correcting_start, mean_output_shift, paired_output_error
@@ -45,11 +45,14 @@ class Sparsify(Pass):
     Corrections for the error that reaches later layers: `sequential` takes each layer's inputs
     from the model already sparsified up to it; `error_correction` (SparseGPT) also fits the
     original model's outputs from those inputs (GPTAQ's asymmetric calibration);
-    `bias_correction` adds each layer's mean output change back to its bias; `refit` solves the
-    masked least-squares problem of every row once SparseGPT chose the mask; `admm` searches a
-    better mask from there (ADMM on the layer's output error, as in ALPS) and then refits;
-    `schedule=owl`
-    gives layers with more outlier Wanda scores less sparsity at the same total.
+    `bias_correction` adds each layer's mean output change back to its bias;
+    `residual_correction` makes both aim at the sum a residual Add forms with the layer's output
+    (transformer attention-out / FFN-down, ResNet block ends), so that a layer also cancels the
+    part of the residual stream's error its input predicts (`passes/sparsify/residual.py`);
+    `refit` solves the masked least-squares problem of every row once SparseGPT chose the mask;
+    `admm` searches a better mask from there (ADMM on the layer's output error, as in ALPS) and
+    then refits; `schedule=owl` gives layers with more outlier Wanda scores less sparsity at the
+    same total.
 
     `reorder` (N:M) first puts the channels layers read in an order where each group of M
     inputs mixes strong and weak weights, so the mask keeps more: whole channel groups (FFN
@@ -99,6 +102,9 @@ class Sparsify(Pass):
         "error_correction": Option(bool, False, "sparsegpt: fit each layer's output to the "
                                    "original model's from the inputs the sparsified layers "
                                    "before it give (GPTAQ); implies sequential"),
+        "residual_correction": Option(bool, False, "with error_correction / bias_correction: "
+                                      "a layer whose output is added to a residual stream "
+                                      "also fits the error that stream already carries"),
         "bias_correction": Option(bool, False, "add each sparsified layer's mean output change "
                                   "(original minus sparsified, on the calibration tokens) to its "
                                   "bias"),
@@ -113,6 +119,9 @@ class Sparsify(Pass):
                                 "samples): diagonal = per output channel; full = per output "
                                 "direction (sparsegpt with refit or admm)",
                                 choices=("none", "diagonal", "full")),
+        "metric_damp": Option(float, METRIC_DAMP, "output_metric=full: x I added to the "
+                              "metric (scaled to a mean diagonal of 1), so that output "
+                              "directions the scan samples did not reach still cost something"),
         "reorder": Option(bool, False, "N:M: first reorder the channels layers read (whole "
                           "channel groups; inside attention heads the entries, or with data a "
                           "new orthogonal basis), leaving the model's function unchanged, so "
@@ -129,10 +138,15 @@ class Sparsify(Pass):
         for option in ("error_correction", "refit", "admm"):
             if getattr(self, option) and self.method != "sparsegpt":
                 raise OptionError(f"sparsify: {option}=true needs method=sparsegpt")
+        if self.residual_correction and not (self.error_correction or self.bias_correction):
+            raise OptionError("sparsify: residual_correction=true needs error_correction=true "
+                              "or bias_correction=true")
         if self.reorder and self.method == "magnitude":
             # A magnitude mask does not see the activations that decide which grouping lowers
             # the output error: measured, reordering for it raised the error as often as not.
             raise OptionError("sparsify: reorder=true needs method=wanda or method=sparsegpt")
+        if self.metric_damp < 0:
+            raise OptionError(f"sparsify: metric_damp={self.metric_damp} must be >= 0")
         if self.block_columns < 1 or self.scan_samples < 1:
             raise OptionError("sparsify: block_columns and scan_samples must be >= 1")
         pattern = parse_pattern(self.pattern, self.block, self.nm)
@@ -256,7 +270,7 @@ class Sparsify(Pass):
         return collect_statistics(model, targets, calibration, self.samples, full=full,
                                   seed=ctx.seed, progress=ctx.progress,
                                   row_mask_input=self._token_mask(model),
-                                  reference=reference)
+                                  reference=reference, residual=self.residual_correction)
 
     def _token_mask(self, model: Model) -> str | None:
         return token_mask_input(model, self.token_mask, "sparsify")
@@ -269,7 +283,8 @@ class Sparsify(Pass):
                                     self.scan_samples, self._token_mask(model),
                                     list(self.scan_outputs), ctx.seed,
                                     self.output_metric == "full",
-                                    f"sparsify: output_metric={self.output_metric}")
+                                    f"sparsify: output_metric={self.output_metric}",
+                                    damp=self.metric_damp)
 
     def _row_scale(self, target: SparsifyTarget, rows: int) -> np.ndarray:
         """sqrt of each of the `rows` output rows' weight in the output metric (1 without one)."""
@@ -365,7 +380,9 @@ class Sparsify(Pass):
         for group, rows in enumerate(target.row_groups()):
             start, hessian = weights[rows], stat.hessian(group)
             if corrections and self.error_correction:
-                start = error_correcting_start(start, hessian, stat.cross(group), self.damp)
+                start = error_correcting_start(
+                    start, hessian, stat.cross(group), self.damp,
+                    residual_cross=stat.residual_cross(target.node.name, group))
             pruned[rows] = sparsegpt_prune(start * scale[rows], hessian, pattern, sparsity,
                                            damp=self.damp, block_columns=self.block_columns)
             if not (corrections and (self.refit or self.admm)):
@@ -393,7 +410,8 @@ class Sparsify(Pass):
         if self.bias_correction:
             shift = np.concatenate([
                 mean_output_shift(weights[rows], pruned[rows], stat.mean(group),
-                                  stat.reference_mean(group))
+                                  stat.reference_mean(group),
+                                  stat.residual_mean(target.node.name, group))
                 for group, rows in enumerate(target.row_groups())])
             shifted = add_output_shift(model.graph, target, shift)
         stored = target.from_matrix(pruned)

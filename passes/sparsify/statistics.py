@@ -23,6 +23,7 @@ from ir import Model, to_onnx
 
 from ..calibration import CalibrationSet, capture_session, make_session
 from .layers import SparsifyTarget
+from .residual import residual_partner, residual_rows
 
 __all__ = ["InputStatistics", "collect_statistics", "conv_patches"]
 
@@ -41,7 +42,9 @@ class InputStatistics:
     (the original, dense one) feeds the same layer on the same tokens, while x comes from the
     model being sparsified: the cross moment E[x x_ref^T], E[x_ref x_ref^T] and E[x_ref]. They
     let a layer reconstruct the reference output W x_ref from its actual input x (see
-    `correction`).
+    `correction`). For a layer whose output is added to a residual stream r (see `residual`),
+    `track_residual` also folds in E[d x^T] and E[d] for d = r_ref - r, the error the stream
+    already carries on the same tokens.
     """
 
     def __init__(self, groups: int, columns: int, full: bool, paired: bool = False):
@@ -54,13 +57,26 @@ class InputStatistics:
         self.reference_sums = [np.zeros((columns, columns)) for _ in range(groups)] \
             if paired else None
         self.reference_row_sums = [np.zeros(columns) for _ in range(groups)] if paired else None
+        # Per layer reading this input (node name): per group, sum d x^T [out, in] and sum d.
+        self.residual_sums: dict[str, list[np.ndarray]] = {}
+        self.residual_row_sums: dict[str, list[np.ndarray]] = {}
         self.rows = 0
 
+    def track_residual(self, layer: str, outputs_per_group: int) -> None:
+        """Also collect the residual error statistics of `layer` (rows given to `add`)."""
+        columns = len(self.row_sums[0])
+        groups = len(self.row_sums)
+        self.residual_sums[layer] = [np.zeros((outputs_per_group, columns))
+                                     for _ in range(groups)]
+        self.residual_row_sums[layer] = [np.zeros(outputs_per_group) for _ in range(groups)]
+
     def add(self, per_group_rows: list[np.ndarray],
-            reference_rows: list[np.ndarray] | None = None) -> None:
+            reference_rows: list[np.ndarray] | None = None,
+            residual_errors: dict[str, list[np.ndarray]] | None = None) -> None:
         """Fold in rows x [rows, columns] (and, when paired, the reference rows of the same
-        tokens). The products run in float32 (a few thousand rows per call, so rounding stays
-        ~1e-6 relative, far below SparseGPT's 1% dampening) and are summed in float64."""
+        tokens; for tracked layers, the residual error rows d [rows, out] of the same tokens).
+        The products run in float32 (a few thousand rows per call, so rounding stays ~1e-6
+        relative, far below SparseGPT's 1% dampening) and are summed in float64."""
         if self.paired and reference_rows is None:
             raise ValueError("paired statistics need the reference rows too")
         for index, x in enumerate(per_group_rows):
@@ -72,6 +88,10 @@ class InputStatistics:
                 self.cross_sums[index] += x.T @ ref
                 self.reference_sums[index] += ref.T @ ref
                 self.reference_row_sums[index] += ref.sum(axis=0, dtype=np.float64)
+            for layer, errors in (residual_errors or {}).items():
+                d = np.ascontiguousarray(errors[index], dtype=np.float32)
+                self.residual_sums[layer][index] += d.T @ x
+                self.residual_row_sums[layer][index] += d.sum(axis=0, dtype=np.float64)
         self.rows += len(per_group_rows[0])
 
     def _mean(self, sums: np.ndarray) -> np.ndarray:
@@ -98,6 +118,16 @@ class InputStatistics:
     def reference_mean(self, group: int = 0) -> np.ndarray:
         """E[x_ref] ([in]); equals `mean` when unpaired."""
         return self._mean(self.reference_row_sums[group]) if self.paired else self.mean(group)
+
+    def residual_cross(self, layer: str, group: int = 0) -> np.ndarray | None:
+        """E[d x^T] ([out, in]) for a tracked layer, d its residual stream's error; else None."""
+        sums = self.residual_sums.get(layer)
+        return None if sums is None else self._mean(sums[group])
+
+    def residual_mean(self, layer: str, group: int = 0) -> np.ndarray | None:
+        """E[d] ([out]) for a tracked layer; else None."""
+        sums = self.residual_row_sums.get(layer)
+        return None if sums is None else self._mean(sums[group])
 
     def column_norms(self, group: int = 0) -> np.ndarray:
         """sqrt(E[x_j^2]) per input column: Wanda's activation norm (scaled by 1/sqrt(rows))."""
@@ -182,7 +212,8 @@ def _statistic_key(target: SparsifyTarget) -> tuple:
 def collect_statistics(model: Model, targets: list[SparsifyTarget], calibration: CalibrationSet,
                        samples: int, full: bool, seed: int = 0, progress=None,
                        row_mask_input: str | None = None,
-                       reference: Model | None = None) -> list[InputStatistics]:
+                       reference: Model | None = None,
+                       residual: bool = False) -> list[InputStatistics]:
     """One InputStatistics per target (shared between targets reading the same input).
 
     The model runs once per calibration feed with every target's input as an extra output, and
@@ -192,7 +223,9 @@ def collect_statistics(model: Model, targets: list[SparsifyTarget], calibration:
     `row_mask_input` names a graph input whose 0 entries mark rows to leave out (see
     `layer_rows`). With a `reference` model (the same graph inputs and the same names for the
     targets' inputs, e.g. a copy of the original of a model being sparsified) the statistics are
-    paired: both models run on each feed and the same rows of both are folded in."""
+    paired: both models run on each feed and the same rows of both are folded in; `residual`
+    then also tracks the residual stream error of each target whose output is added to one
+    (`residual.residual_partner`)."""
     rng = np.random.default_rng(seed)
     keyed: dict[tuple, InputStatistics] = {}
     owners: dict[tuple, SparsifyTarget] = {}
@@ -203,7 +236,19 @@ def collect_statistics(model: Model, targets: list[SparsifyTarget], calibration:
             keyed[key] = InputStatistics(target.groups, columns, full,
                                          paired=reference is not None)
             owners[key] = target
-    names = sorted({target.node.input(0).name for target in owners.values()})
+    partners: dict[str, tuple[str, SparsifyTarget, tuple]] = {}
+    if residual and reference is not None:
+        known = reference.graph.values()
+        for target in targets:
+            partner = residual_partner(target)
+            # A stream value made after the reference was copied has no twin to compare with.
+            if partner is not None and partner.name in known:
+                key = _statistic_key(target)
+                outputs = target.matrix().shape[0] // target.groups
+                keyed[key].track_residual(target.node.name, outputs)
+                partners[target.node.name] = (partner.name, target, key)
+    names = sorted({target.node.input(0).name for target in owners.values()}
+                   | {name for name, _, _ in partners.values()})
     session = truncated_capture_session(model, names)
     reference_session = truncated_capture_session(reference, names) \
         if reference is not None else None
@@ -221,12 +266,17 @@ def collect_statistics(model: Model, targets: list[SparsifyTarget], calibration:
             rows = layer_rows(np.asarray(captured[name]), target, mask)
             ref_rows = layer_rows(np.asarray(references[name]), target, mask) \
                 if references is not None else None
+            errors = {layer: residual_rows(np.asarray(references[value])
+                                           - np.asarray(captured[value]), reader, mask)
+                      for layer, (value, reader, reader_key) in partners.items()
+                      if reader_key == key}
             if len(rows[0]) > MAX_ROWS_PER_FEED:
                 pick = np.sort(rng.choice(len(rows[0]), MAX_ROWS_PER_FEED, replace=False))
                 rows = [r[pick] for r in rows]
                 ref_rows = [r[pick] for r in ref_rows] if ref_rows is not None else None
-            buffers[key].append((rows, ref_rows))
-            if sum(r.nbytes for parts, _ in buffers[key] for r in parts) >= ROW_BUFFER_BYTES:
+                errors = {layer: [r[pick] for r in parts] for layer, parts in errors.items()}
+            buffers[key].append((rows, ref_rows, errors))
+            if sum(r.nbytes for entry in buffers[key] for r in entry[0]) >= ROW_BUFFER_BYTES:
                 _flush(keyed[key], buffers[key])
         del captured, references
     for key in keyed:
@@ -271,5 +321,8 @@ def _flush(stat: InputStatistics, buffered: list[tuple]) -> None:
     reference = None
     if stat.paired:
         reference = [np.concatenate(parts) for parts in zip(*(entry[1] for entry in buffered))]
-    stat.add(rows, reference)
+    errors = {layer: [np.concatenate(parts) for parts in zip(*(entry[2][layer]
+                                                               for entry in buffered))]
+              for layer in buffered[0][2]}
+    stat.add(rows, reference, errors)
     buffered.clear()

@@ -139,13 +139,16 @@ def test_everyday_corpus_is_disjoint_from_evaluation_and_split():
     paraphrases), and the held-out lines never reach calibration."""
     import difflib
 
-    from models.minilm.corpus import _everyday_lines, everyday_texts, held_out_everyday
+    from models.minilm.corpus import (_everyday_lines, _extra_lines, everyday_texts,
+                                      held_out_everyday)
 
-    lines = _everyday_lines()
+    lines, extra = _everyday_lines(), _extra_lines()
     assert len(lines) > 1000 and len(set(lines)) == len(lines)
+    assert len(extra) > 1400 and len({line.lower() for line in extra}) == len(extra)
+    assert not {line.lower() for line in extra} & {line.lower() for line in lines}
     evaluation = EVAL_SENTENCES + [s for triple in RANKING_TRIPLES for s in triple]
     closest = max(difflib.SequenceMatcher(None, e.lower(), line.lower()).ratio()
-                  for e in evaluation for line in lines)
+                  for e in evaluation for line in lines + extra)
     assert closest < 0.7
     held_out = held_out_everyday()
     pool = everyday_texts(len(lines) - len(held_out) + len(CALIBRATION_SENTENCES))
@@ -155,8 +158,11 @@ def test_everyday_corpus_is_disjoint_from_evaluation_and_split():
     few = everyday_texts(100)
     assert len(set(few)) == 100 and few == everyday_texts(100)
     assert few[0] == CALIBRATION_SENTENCES[0] and few[-1] in lines[-16:]
+    # A larger n adds the extra file's lines after the whole pool.
+    everything = everyday_texts(len(pool) + len(extra))
+    assert everything == pool + list(extra) and not set(held_out) & set(everything)
     with pytest.raises(ValueError, match="everyday corpus has"):
-        everyday_texts(len(pool) + 1)
+        everyday_texts(len(everything) + 1)
 
 
 def test_calibration_npz_everyday_and_held_out_cosine(tmp_path, path):

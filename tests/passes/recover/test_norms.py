@@ -228,13 +228,27 @@ def test_affine_fit_matches_numpy_least_squares():
     fit = AffineFit(5)
     fit.add(n[:100], y[:100])
     fit.add(n[100:], y[100:])
-    g, b = fit.solve(np.ones(5))
+    g, b = fit.solve(np.ones(5), np.zeros(5))
     for c in range(5):
         design = np.stack([n[:, c], np.ones(300)], axis=1)
         expected = np.linalg.lstsq(design, y[:, c], rcond=None)[0]
         np.testing.assert_allclose([g[c], b[c]], expected, rtol=1e-9)
     residual = ((n * g + b - y) ** 2).sum() / (y ** 2).sum()
     assert fit.error(g, b) == pytest.approx(residual, rel=1e-9)
+
+
+def test_channels_that_do_not_match_the_reference_keep_their_affine():
+    # Channel 0 and 1 follow the reference; channel 2 is another feature (permuted away).
+    rng = np.random.default_rng(15)
+    n = rng.standard_normal((400, 3))
+    y = n * [2.0, -0.5, 1.0] + [0.3, 0.1, 0.0]
+    y[:, 2] = rng.standard_normal(400)  # uncorrelated with n[:, 2]
+    fit = AffineFit(3)
+    fit.add(n, y)
+    assert fit.unmatched().tolist() == [False, True, True]  # a negative fit is no match either
+    g, b = fit.solve(np.array([1.0, 1.5, 2.5]), np.array([0.0, 0.7, 0.9]))
+    np.testing.assert_allclose([g[0], b[0]], [2.0, 0.3], rtol=1e-9)
+    assert [g[1], b[1], g[2], b[2]] == [1.5, 0.7, 2.5, 0.9]
 
 
 def test_linear_refit_recovers_a_per_output_channel_affine_and_keeps_zeros():
@@ -290,3 +304,25 @@ def test_minilm_magnitude_sparsified_gets_closer_to_the_dense_model(tmp_path):
     before = minilm.cosine_to_reference(plain)["cosine_mean"]
     after = minilm.cosine_to_reference(refitted)["cosine_mean"]
     assert after > before + 0.02, (before, after)
+
+
+def test_linear_refit_leaves_reordered_channels_alone():
+    # sparsify:reorder permutes the FFN hidden units: up's output channel j is no longer the
+    # reference's channel j. Fitting it to that channel anyway wrecked the model (output error
+    # 0.27 -> 0.59 here); unmatched channels keep their affine, and the refit still helps.
+    from tests.passes.sparsify.graphs import residual_mlp
+    proto = residual_mlp(width=32, hidden=128, blocks=3, tokens=8, up_bias=True)
+    rng = np.random.default_rng(0)
+    calibration = {"x": rng.standard_normal((64, 1, 8, 32)).astype(np.float32)}
+    held_out = {"x": rng.standard_normal((16, 8, 32)).astype(np.float32)}
+    sparsify = "sparsify:pattern=nm:nm=2of4:method=sparsegpt:min_size=0:reorder=true"
+    plain, refitted = _load(proto), _load(proto)
+    passes.compress(plain, sparsify, calibration=calibration)
+    report = passes.compress(refitted, f"refit-norms:mark=true,{sparsify},"
+                             "refit-norms:linear=true", calibration=calibration)
+    unmatched = {layer["node"]: layer["unmatched_channels"]
+                 for layer in report.passes[-1].details["layers"]}
+    assert all(unmatched[f"up{i}"] > 64 and unmatched[f"down{i}"] == 0 for i in range(3))
+    want = _outputs(_load(proto), held_out, ["y"])["y"]
+    assert _relative_error(_outputs(refitted, held_out, ["y"])["y"], want) < \
+        _relative_error(_outputs(plain, held_out, ["y"])["y"], want)

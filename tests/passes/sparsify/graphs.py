@@ -73,3 +73,52 @@ def run(model, feeds):
     import onnxruntime as ort
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
+
+
+def residual_mlp(width=32, hidden=64, blocks=3, tokens=8, seed=0, up_bias=False):
+    """x[1, tokens, width] -> fc_in -> blocks of (up (+ bias with `up_bias`) -> Relu -> down
+    (+ bias) -> Add stream -> LayerNormalization), post-LN like BERT -> fc_out -> y. Names:
+    up{i}, down{i}, res{i}."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def weight(name, rows, cols):
+        inits.append(numpy_helper.from_array(
+            (rng.standard_normal((rows, cols)) / np.sqrt(rows)).astype(np.float32), name))
+
+    def vector(name, size, value=None):
+        data = rng.standard_normal(size) * 0.1 if value is None else np.full(size, value)
+        inits.append(numpy_helper.from_array(data.astype(np.float32), name))
+
+    weight("w_in", width, width)
+    nodes.append(helper.make_node("MatMul", ["x", "w_in"], ["s0"], name="fc_in"))
+    stream = "s0"
+    for i in range(blocks):
+        weight(f"w_up{i}", width, hidden)
+        weight(f"w_down{i}", hidden, width)
+        vector(f"b_down{i}", width)
+        vector(f"gamma{i}", width, 1.0)
+        vector(f"beta{i}", width)
+        up = [helper.make_node("MatMul", [stream, f"w_up{i}"], [f"u{i}"], name=f"up{i}")]
+        if up_bias:
+            vector(f"b_up{i}", hidden)
+            up = [helper.make_node("MatMul", [stream, f"w_up{i}"], [f"um{i}"], name=f"up{i}"),
+                  helper.make_node("Add", [f"um{i}", f"b_up{i}"], [f"u{i}"], name=f"up_bias{i}")]
+        nodes += up + [
+            helper.make_node("Relu", [f"u{i}"], [f"a{i}"], name=f"relu{i}"),
+            helper.make_node("MatMul", [f"a{i}", f"w_down{i}"], [f"d{i}"], name=f"down{i}"),
+            helper.make_node("Add", [f"d{i}", f"b_down{i}"], [f"db{i}"], name=f"bias{i}"),
+            helper.make_node("Add", [f"db{i}", stream], [f"r{i}"], name=f"res{i}"),
+            helper.make_node("LayerNormalization", [f"r{i}", f"gamma{i}", f"beta{i}"],
+                             [f"s{i + 1}"], axis=-1, name=f"ln{i}"),
+        ]
+        stream = f"s{i + 1}"
+    weight("w_out", width, 8)
+    nodes.append(helper.make_node("MatMul", [stream, "w_out"], ["y"], name="fc_out"))
+    graph = helper.make_graph(
+        nodes, "residual_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, tokens, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, tokens, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
