@@ -11,19 +11,17 @@ of the layers sparsified before. Fitting the sum instead of y alone,
 lets the layer cancel the part of d that its own input predicts (see `error_correcting_start`).
 
 `residual_partner` finds r: the layer's output, or its single bias Add's output, read only by an
-Add whose other operand is computed (not a constant) and has the same shape as the sum.
-`residual_rows` lays r out as rows matching the layer's input rows (`statistics.layer_rows`).
+Add whose other operand is computed (not a constant) and has the same shape as the sum
+(`statistics.residual_rows` lays r out as rows matching the layer's input rows).
 """
 
 from __future__ import annotations
-
-import numpy as np
 
 from ir import Value
 
 from .layers import SparsifyTarget
 
-__all__ = ["residual_partner", "residual_rows"]
+__all__ = ["residual_partner"]
 
 
 def residual_partner(target: SparsifyTarget) -> Value | None:
@@ -44,20 +42,3 @@ def residual_partner(target: SparsifyTarget) -> Value | None:
             return other if same else None
         value = add.output  # a bias (constant operand): the stream may be added after it
     return None
-
-
-def residual_rows(activation: np.ndarray, target: SparsifyTarget,
-                  row_mask: np.ndarray | None = None) -> list[np.ndarray]:
-    """Rows [rows, out / groups] of a residual value per row group, in the order of the layer's
-    input rows (`statistics.layer_rows`): tokens for MatMul, output positions for Conv."""
-    if target.op_type == "Conv":
-        channels_last = np.moveaxis(activation, 1, -1)
-        rows = channels_last.reshape(-1, activation.shape[1])
-        per = activation.shape[1] // target.groups
-        return [rows[:, g * per:(g + 1) * per] for g in range(target.groups)]
-    if (row_mask is not None and target.op_type == "MatMul"
-            and activation.shape[:row_mask.ndim] == row_mask.shape):
-        kept = activation[row_mask.astype(bool)]
-        if len(kept):
-            return [kept.reshape(-1, activation.shape[-1])]
-    return [activation.reshape(-1, activation.shape[-1])]

@@ -23,9 +23,10 @@ from ir import Model, to_onnx
 
 from ..calibration import CalibrationSet, capture_session, make_session
 from .layers import SparsifyTarget
-from .residual import residual_partner, residual_rows
+from .residual import residual_partner
 
-__all__ = ["InputStatistics", "collect_statistics", "conv_patches"]
+__all__ = ["InputStatistics", "collect_statistics", "conv_patches", "layer_rows",
+           "residual_rows"]
 
 # Rows of x used per calibration feed at most (conv layers on large images have many patches;
 # a seeded subsample of positions estimates H as well).
@@ -193,12 +194,30 @@ def layer_rows(activation: np.ndarray, target: SparsifyTarget,
         return conv_patches(activation, target)
     if target.op_type == "Gemm" and target.node.attr("transA", 0):
         activation = activation.T
+    return [_token_rows(activation, target, row_mask)]
+
+
+def residual_rows(activation: np.ndarray, target: SparsifyTarget,
+                  row_mask: np.ndarray | None = None) -> list[np.ndarray]:
+    """Rows [rows, out / groups] of a value shaped like the layer's output (its residual
+    stream, see `residual`) per row group, in the order of `layer_rows`: tokens for MatMul and
+    Gemm, output positions for Conv."""
+    if target.op_type == "Conv":
+        rows = np.moveaxis(activation, 1, -1).reshape(-1, activation.shape[1])
+        per = activation.shape[1] // target.groups
+        return [rows[:, g * per:(g + 1) * per] for g in range(target.groups)]
+    return [_token_rows(activation, target, row_mask)]
+
+
+def _token_rows(activation: np.ndarray, target: SparsifyTarget,
+                row_mask: np.ndarray | None) -> np.ndarray:
+    """[rows, last dim] of a MatMul/Gemm tensor, without the rows `row_mask` marks 0."""
     if (row_mask is not None and target.op_type == "MatMul"
             and activation.shape[:row_mask.ndim] == row_mask.shape):
         kept = activation[row_mask.astype(bool)]
         if len(kept):
-            return [kept.reshape(-1, activation.shape[-1])]
-    return [activation.reshape(-1, activation.shape[-1])]
+            return kept.reshape(-1, activation.shape[-1])
+    return activation.reshape(-1, activation.shape[-1])
 
 
 def _statistic_key(target: SparsifyTarget) -> tuple:

@@ -11,8 +11,8 @@ from ir.shape_inference import infer_shapes
 from passes.calibration import CalibrationSet, capture
 from passes.sparsify.correction import error_correcting_start, mean_output_shift
 from passes.sparsify.layers import find_targets
-from passes.sparsify.residual import residual_partner, residual_rows
-from passes.sparsify.statistics import collect_statistics
+from passes.sparsify.residual import residual_partner
+from passes.sparsify.statistics import collect_statistics, residual_rows
 from tests.passes.sparsify.graphs import residual_mlp
 
 
