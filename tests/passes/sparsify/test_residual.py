@@ -31,8 +31,8 @@ def test_partner_is_the_stream_after_the_bias_add():
 
 
 def _conv_block(residual_shape=(1, 4, 6, 6)):
-    """x -> Conv 3x3 (pads 1) -> Add(x-shaped stream) -> y; the stream is x itself or, when
-    `residual_shape` differs, a broadcast constant-free input of that shape."""
+    """x -> Conv 3x3 (pads 1) -> Add(r) -> y, r a second graph input of `residual_shape`: the
+    conv output's shape (a residual stream) or one that only broadcasts against it."""
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "w")
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
