@@ -305,14 +305,21 @@ class AffineFit:
         self.ny_sum += np.einsum("ij,ij->j", n, y)
         self.yy_sum += np.einsum("ij,ij->j", y, y)
 
-    def solve(self, scale: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The least-squares (g, b) per channel; flat channels keep `scale` and fit b only;
-        unmatched channels (`unmatched`) keep `scale` and `bias`."""
+    def _moments(self):
+        """Per channel: means of n and y, variances of n and y, their covariance, and which
+        channels are flat (n hardly varies)."""
         count = max(self.count, 1)
         n_mean, y_mean = self.n_sum / count, self.y_sum / count
         n_var = self.nn_sum / count - n_mean ** 2
+        y_var = self.yy_sum / count - y_mean ** 2
         covariance = self.ny_sum / count - n_mean * y_mean
         flat = n_var <= _FLAT_CHANNEL * max(float(n_var.mean()), 1e-30)
+        return n_mean, y_mean, n_var, y_var, covariance, flat
+
+    def solve(self, scale: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The least-squares (g, b) per channel; flat channels keep `scale` and fit b only;
+        unmatched channels (`unmatched`) keep `scale` and `bias`."""
+        n_mean, y_mean, n_var, _, covariance, flat = self._moments()
         scale = np.asarray(scale, np.float64).reshape(-1)
         g = np.where(flat, scale, covariance / np.where(flat, 1.0, n_var))
         b = y_mean - g * n_mean
@@ -323,12 +330,7 @@ class AffineFit:
         """Channels whose values correlate with the reference's by less than MIN_CORRELATION:
         not the same feature (e.g. channels that `sparsify:reorder` permuted or rotated), so a
         scale and shift would only squash them towards the reference's mean."""
-        count = max(self.count, 1)
-        n_mean, y_mean = self.n_sum / count, self.y_sum / count
-        n_var = self.nn_sum / count - n_mean ** 2
-        y_var = self.yy_sum / count - y_mean ** 2
-        covariance = self.ny_sum / count - n_mean * y_mean
-        flat = n_var <= _FLAT_CHANNEL * max(float(n_var.mean()), 1e-30)
+        _, _, n_var, y_var, covariance, flat = self._moments()
         spread = np.sqrt(np.maximum(n_var * y_var, 1e-300))
         return ~flat & (covariance < MIN_CORRELATION * spread)
 

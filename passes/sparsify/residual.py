@@ -36,9 +36,9 @@ def residual_partner(target: SparsifyTarget) -> Value | None:
         if other is None:
             return None
         if not other.is_constant:
-            same = (other.shape is not None and add.output.shape is not None
-                    and tuple(other.shape) == tuple(add.output.shape)
-                    and value.shape is not None and tuple(value.shape) == tuple(other.shape))
+            # Equal operand shapes: no broadcasting, so the sum has that shape too.
+            same = (other.shape is not None and value.shape is not None
+                    and tuple(value.shape) == tuple(other.shape))
             return other if same else None
         value = add.output  # a bias (constant operand): the stream may be added after it
     return None
