@@ -102,9 +102,10 @@ class Sparsify(Pass):
         "error_correction": Option(bool, False, "sparsegpt: fit each layer's output to the "
                                    "original model's from the inputs the sparsified layers "
                                    "before it give (GPTAQ); implies sequential"),
-        "residual_correction": Option(bool, False, "with error_correction / bias_correction: "
-                                      "a layer whose output is added to a residual stream "
-                                      "also fits the error that stream already carries"),
+        "residual_correction": Option(bool, False, "with error_correction (or sequential "
+                                      "bias_correction): a layer whose output is added to a "
+                                      "residual stream also fits the error that stream "
+                                      "already carries"),
         "bias_correction": Option(bool, False, "add each sparsified layer's mean output change "
                                   "(original minus sparsified, on the calibration tokens) to its "
                                   "bias"),
@@ -138,9 +139,12 @@ class Sparsify(Pass):
         for option in ("error_correction", "refit", "admm"):
             if getattr(self, option) and self.method != "sparsegpt":
                 raise OptionError(f"sparsify: {option}=true needs method=sparsegpt")
-        if self.residual_correction and not (self.error_correction or self.bias_correction):
-            raise OptionError("sparsify: residual_correction=true needs error_correction=true "
-                              "or bias_correction=true")
+        if self.residual_correction and not (
+                self.error_correction or (self.bias_correction and self.sequential)):
+            # Only then are the statistics paired with the original model, which the stream's
+            # error is measured against.
+            raise OptionError("sparsify: residual_correction=true needs error_correction=true, "
+                              "or bias_correction=true with sequential=true")
         if self.reorder and self.method == "magnitude":
             # A magnitude mask does not see the activations that decide which grouping lowers
             # the output error: measured, reordering for it raised the error as often as not.

@@ -136,6 +136,8 @@ def test_residual_correction_lowers_the_error_of_every_residual_sum():
 
 @pytest.mark.parametrize("spec,message", [
     ("sparsify:method=sparsegpt:residual_correction=true", "residual_correction"),
+    ("sparsify:method=sparsegpt:bias_correction=true:residual_correction=true",
+     "residual_correction"),
     ("sparsify:method=sparsegpt:output_metric=full:metric_damp=-1", "metric_damp"),
 ])
 def test_bad_options_are_refused(spec, message):
