@@ -21,6 +21,11 @@ are not enough. This module gathers a few hundred passages of real English:
   of its 1500 lines were dropped: 3 within a difflib ratio of 0.7 of an evaluation or ranking
   sentence, 4 repeats and 13 close paraphrases (ratio >= 0.85) of `everyday.txt` lines. It
   only extends calibration: nothing of it is held out.
+- `everyday_more.txt`: ~5400 more, written later by three helpers (household and leisure; work,
+  school, science and news; culture, questions, messages and reviews) under the same rule; 57
+  of their 5420 lines were dropped: 6 within 0.7 of an evaluation sentence, 17 repeats and 34
+  close paraphrases (>= 0.85) of earlier lines. Calibration only, after `everyday_extra.txt`:
+  the held-out lines of the 2:4 MiniLM gain from every text added (bench/results/sparsify.md).
 
 Paragraphs are kept when they read as prose (no indented code, mostly letters) and split into
 sentences. `calibration_texts` returns single sentences (words=0; measured best for SparseGPT on
@@ -48,6 +53,7 @@ _MARKUP = re.compile(r"^(\s|[*=\-~^#+|.:]{3,}|\.\. |>>>)")
 _LIST_MARKER = re.compile(r"^([-*]|\d+\.)\s+")
 _EVERYDAY_FILE = Path(__file__).with_name("everyday.txt")
 _EXTRA_FILE = Path(__file__).with_name("everyday_extra.txt")
+_MORE_FILE = Path(__file__).with_name("everyday_more.txt")
 _HELD_OUT_EVERY = 8  # every eighth line of everyday.txt is never used for calibration
 
 
@@ -166,7 +172,9 @@ def _everyday_lines() -> tuple[str, ...]:
 
 @lru_cache(maxsize=None)
 def _extra_lines() -> tuple[str, ...]:
-    return _read_lines(_EXTRA_FILE)
+    """The calibration-only lines, in the order they were written: everyday_extra.txt, then
+    everyday_more.txt."""
+    return _read_lines(_EXTRA_FILE) + _read_lines(_MORE_FILE)
 
 
 def held_out_everyday() -> list[str]:
@@ -179,8 +187,9 @@ def everyday_texts(n: int) -> list[str]:
     """`n` everyday calibration texts. Up to ~1100: from CALIBRATION_SENTENCES and the
     calibration lines of everyday.txt, taken at even spacing when `n` is smaller so that every
     domain of the file is represented; above that, all of those and then the first lines of
-    everyday_extra.txt (~2580 in all; the extra file came later, and this keeps the texts of
-    every smaller `n` as they were). Raises ValueError when more are requested than exist."""
+    everyday_extra.txt and everyday_more.txt (~2580 with the first, ~7940 with both; the files
+    came later, and this keeps the texts of every smaller `n` as they were). Raises ValueError
+    when more are requested than exist."""
     from .evaluate import CALIBRATION_SENTENCES
 
     held_out = set(held_out_everyday())

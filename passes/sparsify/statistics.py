@@ -273,6 +273,7 @@ def collect_statistics(model: Model, targets: list[SparsifyTarget], calibration:
         if reference is not None else None
     feeds = calibration.feeds(model, samples)
     buffers: dict[tuple, list[tuple]] = {key: [] for key in keyed}
+    buffered_bytes = dict.fromkeys(keyed, 0)  # kept as it grows: summing it per feed was O(n^2)
     iterate = progress(feeds, total=len(feeds), desc="sparsify: calibration") if progress \
         else feeds
     for feed in iterate:
@@ -295,8 +296,10 @@ def collect_statistics(model: Model, targets: list[SparsifyTarget], calibration:
                 ref_rows = [r[pick] for r in ref_rows] if ref_rows is not None else None
                 errors = {layer: [r[pick] for r in parts] for layer, parts in errors.items()}
             buffers[key].append((rows, ref_rows, errors))
-            if sum(r.nbytes for entry in buffers[key] for r in entry[0]) >= ROW_BUFFER_BYTES:
+            buffered_bytes[key] += sum(r.nbytes for r in rows)
+            if buffered_bytes[key] >= ROW_BUFFER_BYTES:
                 _flush(keyed[key], buffers[key])
+                buffered_bytes[key] = 0
         del captured, references
     for key in keyed:
         _flush(keyed[key], buffers[key])
