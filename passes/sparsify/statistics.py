@@ -273,7 +273,9 @@ def collect_statistics(model: Model, targets: list[SparsifyTarget], calibration:
         if reference is not None else None
     feeds = calibration.feeds(model, samples)
     buffers: dict[tuple, list[tuple]] = {key: [] for key in keyed}
-    buffered_bytes = dict.fromkeys(keyed, 0)  # kept as it grows: summing it per feed was O(n^2)
+    # Counted as the buffer grows: re-summing it at every feed was quadratic in the feeds that
+    # fill one ROW_BUFFER_BYTES window (hundreds of short texts).
+    buffered_bytes = dict.fromkeys(keyed, 0)
     iterate = progress(feeds, total=len(feeds), desc="sparsify: calibration") if progress \
         else feeds
     for feed in iterate:
