@@ -26,6 +26,12 @@ are not enough. This module gathers a few hundred passages of real English:
   of their 5420 lines were dropped: 6 within 0.7 of an evaluation sentence, 17 repeats and 34
   close paraphrases (>= 0.85) of earlier lines. Calibration only, after `everyday_extra.txt`:
   the held-out lines of the 2:4 MiniLM gain from every text added (bench/results/sparsify.md).
+- `everyday_topics.txt`: ~9900 more, written later by four helpers, each given its own list of
+  topics (health, food, shopping and travel; weather, nature, science, city life and history;
+  reviews, orders, devices, software and media; school, sports, money, jobs, paperwork and
+  holidays) and interleaved line by line, under the same rule; 93 of their 10010 lines were
+  dropped: 1 within 0.7 of an evaluation sentence, 25 repeats and 67 close paraphrases
+  (>= 0.85) of earlier lines. Calibration only, after `everyday_more.txt`.
 
 Paragraphs are kept when they read as prose (no indented code, mostly letters) and split into
 sentences. `calibration_texts` returns single sentences (words=0; measured best for SparseGPT on
@@ -54,6 +60,7 @@ _LIST_MARKER = re.compile(r"^([-*]|\d+\.)\s+")
 _EVERYDAY_FILE = Path(__file__).with_name("everyday.txt")
 _EXTRA_FILE = Path(__file__).with_name("everyday_extra.txt")
 _MORE_FILE = Path(__file__).with_name("everyday_more.txt")
+_TOPICS_FILE = Path(__file__).with_name("everyday_topics.txt")
 _HELD_OUT_EVERY = 8  # every eighth line of everyday.txt is never used for calibration
 
 
@@ -172,9 +179,9 @@ def _everyday_lines() -> tuple[str, ...]:
 
 @lru_cache(maxsize=None)
 def _extra_lines() -> tuple[str, ...]:
-    """The calibration-only lines, in the order they were written: everyday_extra.txt, then
-    everyday_more.txt."""
-    return _read_lines(_EXTRA_FILE) + _read_lines(_MORE_FILE)
+    """The calibration-only lines, in the order they were written: everyday_extra.txt,
+    everyday_more.txt, then everyday_topics.txt."""
+    return _read_lines(_EXTRA_FILE) + _read_lines(_MORE_FILE) + _read_lines(_TOPICS_FILE)
 
 
 def held_out_everyday() -> list[str]:
@@ -187,9 +194,9 @@ def everyday_texts(n: int) -> list[str]:
     """`n` everyday calibration texts. Up to ~1100: from CALIBRATION_SENTENCES and the
     calibration lines of everyday.txt, taken at even spacing when `n` is smaller so that every
     domain of the file is represented; above that, all of those and then the first lines of
-    everyday_extra.txt and everyday_more.txt (~2580 with the first, ~7940 with both; the files
-    came later, and this keeps the texts of every smaller `n` as they were). Raises ValueError
-    when more are requested than exist."""
+    everyday_extra.txt, everyday_more.txt and everyday_topics.txt (~2580 with the first, ~7940
+    with two, ~17860 with all three; the files came later, and this keeps the texts of every
+    smaller `n` as they were). Raises ValueError when more are requested than exist."""
     from .evaluate import CALIBRATION_SENTENCES
 
     held_out = set(held_out_everyday())

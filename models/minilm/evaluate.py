@@ -237,7 +237,7 @@ def calibration_npz(path, n: int = 32, seq_len: int = 128, corpus: str = "auto")
     prose (stdlib/scikit-learn documentation, ~23 tokens each), one everyday sentence in eight;
     corpus="passages": the same prose packed into ~110-word passages that fill most of a
     128-token sequence; corpus="everyday": `models.minilm.corpus.everyday_texts(n)` — everyday
-    English sentences and short snippets (n <= ~7940), the kind of text the model embeds in use;
+    English sentences and short snippets (n <= ~17860), the kind of text the model embeds in use;
     "auto" picks sentences for n <= 48 and prose above.
     Keys are the graph input names; each array is int64 [n, seq_len], i.e. one batch item per
     sample, which the project's CalibrationSet groups into the model's static batch size.

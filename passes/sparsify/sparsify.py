@@ -10,6 +10,7 @@ from ..calibration import token_mask_input
 from ..core import OptionError, Option, Pass, PassContext, PassResult, register_pass
 from ..output_probe import output_probe
 from ..output_sensitivity import METRIC_DAMP, layer_output_metrics
+from ..staged_capture import StagedCapture
 from .admm import admm_mask
 from .bias import add_output_shift
 from .correction import error_correcting_start, mean_output_shift, paired_output_error
@@ -188,6 +189,8 @@ class Sparsify(Pass):
         # Sequential: each stage (the layers reading one tensor, e.g. Q/K/V) sees the outputs of
         # the layers sparsified before it, so later layers compensate earlier errors.
         stages = _stages(targets) if sequential else [list(range(len(targets)))]
+        # A sweep carries each stage's activations over to the next (see `staged_capture`).
+        captures = self._captures(model, ctx, reference) if sequential else None
         for stage in ctx.progress(stages, total=len(stages), desc="sparsify"):
             todo = [i for i in stage if pattern.kind == "n:m" or sparsities[i] > 0.0]
             if not todo:
@@ -195,13 +198,16 @@ class Sparsify(Pass):
             if needs_data and (sequential or stats[todo[0]] is None
                                or (self.method == "sparsegpt" and not stats[todo[0]].full)):
                 fresh = self._statistics(model, ctx, [targets[i] for i in todo],
-                                         full=self.method == "sparsegpt", reference=reference)
+                                         full=self.method == "sparsegpt", reference=reference,
+                                         captures=captures)
                 for i, stat in zip(todo, fresh):
                     stats[i] = stat
                     scores[i] = self._scores(targets[i], stat)
             for i in todo:
                 layers.append(self._apply(model, targets[i], pattern, scores[i], stats[i],
                                           sparsities[i]))
+            if captures is not None:
+                captures[0].invalidate(targets[i].node for i in todo)
         model.graph.remove_unused_constants()
         write_sparsity_property(model)
 
@@ -263,8 +269,14 @@ class Sparsify(Pass):
         return records
 
     # -- data ------------------------------------------------------------------------------------
+    def _captures(self, model, ctx, reference) -> tuple[StagedCapture, StagedCapture | None]:
+        """Staged captures of the model and of the reference on the same calibration feeds."""
+        feeds = ctx.require_calibration(model, samples=self.samples).feeds(model, self.samples)
+        return (StagedCapture(model, feeds),
+                StagedCapture(reference, feeds) if reference is not None else None)
+
     def _statistics(self, model, ctx, targets, full: bool, reference=None,
-                    diagonal: bool = False) -> list[InputStatistics | None]:
+                    diagonal: bool = False, captures=None) -> list[InputStatistics | None]:
         """Input statistics of the targets (`diagonal`: only the input norms, even for
         sparsegpt; none for magnitude without bias correction)."""
         full = not diagonal and (full or self.method == "sparsegpt")
@@ -274,7 +286,8 @@ class Sparsify(Pass):
         return collect_statistics(model, targets, calibration, self.samples, full=full,
                                   seed=ctx.seed, progress=ctx.progress,
                                   row_mask_input=self._token_mask(model),
-                                  reference=reference, residual=self.residual_correction)
+                                  reference=reference, residual=self.residual_correction,
+                                  captures=captures)
 
     def _token_mask(self, model: Model) -> str | None:
         return token_mask_input(model, self.token_mask, "sparsify")

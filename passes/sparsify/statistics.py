@@ -6,22 +6,24 @@ a token's features for MatMul, a row of A for Gemm, an im2col patch for Conv. Th
 - SparseGPT's Hessian of the layer-wise squared error is H;
 - the output error of a weight change dW is trace(dW H dW^T) (used by the sensitivity scan).
 
-Activations come from one onnxruntime run per calibration feed with every layer input as an extra
-output (`passes.calibration.capture_session`), folded into the statistics feed by feed so that the
-model runs once over the data and memory stays bounded; layers reading the same tensor the same
-way (Q/K/V projections) share one statistic.
+Activations come from one onnxruntime run per calibration feed of the nodes that the layer inputs
+need (`passes.staged_capture`, which in a sequential sweep also starts from what the previous
+stage computed), folded into the statistics feed by feed so that the model runs once over the
+data and memory stays bounded; layers reading the same tensor the same way (Q/K/V projections)
+share one statistic.
 """
 
 from __future__ import annotations
 
 import math
+from itertools import repeat
 
 import numpy as np
-import onnx
 
-from ir import Model, to_onnx
+from ir import Model
 
-from ..calibration import CalibrationSet, capture_session, make_session
+from ..calibration import CalibrationSet
+from ..staged_capture import StagedCapture
 from .layers import SparsifyTarget
 from .residual import residual_partner
 
@@ -232,7 +234,9 @@ def collect_statistics(model: Model, targets: list[SparsifyTarget], calibration:
                        samples: int, full: bool, seed: int = 0, progress=None,
                        row_mask_input: str | None = None,
                        reference: Model | None = None,
-                       residual: bool = False) -> list[InputStatistics]:
+                       residual: bool = False,
+                       captures: tuple[StagedCapture, StagedCapture | None] | None = None
+                       ) -> list[InputStatistics]:
     """One InputStatistics per target (shared between targets reading the same input).
 
     The model runs once per calibration feed with every target's input as an extra output, and
@@ -244,7 +248,10 @@ def collect_statistics(model: Model, targets: list[SparsifyTarget], calibration:
     targets' inputs, e.g. a copy of the original of a model being sparsified) the statistics are
     paired: both models run on each feed and the same rows of both are folded in; `residual`
     then also tracks the residual stream error of each target whose output is added to one
-    (`residual.residual_partner`)."""
+    (`residual.residual_partner`). `captures` (of the model and of the reference, on the same
+    feeds) carry activations over from the previous call of a sequential sweep, see
+    `staged_capture`; without them each call runs what its layers' inputs need from the graph
+    inputs."""
     rng = np.random.default_rng(seed)
     keyed: dict[tuple, InputStatistics] = {}
     owners: dict[tuple, SparsifyTarget] = {}
@@ -268,20 +275,22 @@ def collect_statistics(model: Model, targets: list[SparsifyTarget], calibration:
                 partners[target.node.name] = (partner.name, target, key)
     names = sorted({target.node.input(0).name for target in owners.values()}
                    | {name for name, _, _ in partners.values()})
-    session = truncated_capture_session(model, names)
-    reference_session = truncated_capture_session(reference, names) \
-        if reference is not None else None
-    feeds = calibration.feeds(model, samples)
+    if captures is None:
+        feeds = calibration.feeds(model, samples)
+        captures = (StagedCapture(model, feeds, keep=False),
+                    StagedCapture(reference, feeds, keep=False) if reference is not None else None)
+    capture, reference_capture = captures
+    feeds = capture.feeds
+    captured_feeds = capture.capture(names)
+    referenced_feeds = reference_capture.capture(names) if reference_capture is not None \
+        else repeat(None)
     buffers: dict[tuple, list[tuple]] = {key: [] for key in keyed}
     # Counted as the buffer grows: re-summing it at every feed was quadratic in the feeds that
     # fill one ROW_BUFFER_BYTES window (hundreds of short texts).
     buffered_bytes = dict.fromkeys(keyed, 0)
     iterate = progress(feeds, total=len(feeds), desc="sparsify: calibration") if progress \
         else feeds
-    for feed in iterate:
-        captured = dict(zip(names, session.run(names, feed)))
-        references = dict(zip(names, reference_session.run(names, feed))) \
-            if reference_session is not None else None
+    for feed, captured, references in zip(iterate, captured_feeds, referenced_feeds):
         mask = feed[row_mask_input] if row_mask_input is not None else None
         for key, target in owners.items():
             name = target.node.input(0).name
@@ -302,40 +311,9 @@ def collect_statistics(model: Model, targets: list[SparsifyTarget], calibration:
             if buffered_bytes[key] >= ROW_BUFFER_BYTES:
                 _flush(keyed[key], buffers[key])
                 buffered_bytes[key] = 0
-        del captured, references
     for key in keyed:
         _flush(keyed[key], buffers[key])
     return [keyed[_statistic_key(t)] for t in targets]
-
-
-def truncated_capture_session(model: Model, value_names: list[str]):
-    """An onnxruntime session that computes only `value_names` and what they depend on.
-
-    onnxruntime runs every node of a graph whatever outputs are fetched, so a sequential sweep
-    that captures the inputs of layer l would otherwise pay for the whole model at every stage.
-    Graphs with subgraphs (If/Loop/Scan may read outer values implicitly) are not truncated.
-    """
-    proto = to_onnx(model)
-    graph = proto.graph
-    if any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-           for node in graph.node for attr in node.attribute):
-        return capture_session(model, value_names)
-    needed = set(value_names)
-    kept = []
-    for node in reversed(graph.node):
-        if any(out in needed for out in node.output):
-            kept.append(node)
-            needed.update(name for name in node.input if name)
-    kept.reverse()
-    del graph.node[:]
-    graph.node.extend(kept)
-    initializers = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
-    # Graph inputs stay (the calibration feeds all of them); outputs are exactly the captures.
-    del graph.output[:]
-    graph.output.extend(onnx.ValueInfoProto(name=name) for name in value_names)
-    return make_session(proto)
 
 
 def _flush(stat: InputStatistics, buffered: list[tuple]) -> None:
