@@ -84,7 +84,9 @@ def output_sensitivity(model: Model, values: list[Value], calibration: Calibrati
                 continue
             channel_rows = _channel_rows(grad, axes[name], mask)
             rows[name] += channel_rows.shape[0] // probes
-            update = channel_rows.T @ channel_rows if matrix else (channel_rows ** 2).sum(axis=0)
+            # float32 products (a few hundred rows each), summed in float64.
+            update = (channel_rows.T @ channel_rows if matrix
+                      else (channel_rows ** 2).sum(axis=0)).astype(np.float64)
             sums[name] = update if sums[name] is None else sums[name] + update
     result = {}
     for value in values:
@@ -166,10 +168,12 @@ def _backward(model: Model, path: list[Node], forward: dict, seeds: dict,
         inputs = [None if v is None else (v.const if v.is_constant else forward[v.name])
                   for v in node.inputs]
         outputs = [None if v is None else forward[v.name] for v in node.outputs]
-        for value, grad in zip(node.inputs, pull_back(node, out_grads, inputs, outputs, opset)):
-            if (grad is None or value is None or value.is_constant
-                    or value.name not in reachable
-                    or np.asarray(forward[value.name]).dtype.kind != FLOAT_KINDS):
+        wanted = [value is not None and not value.is_constant and value.name in reachable
+                  and np.asarray(forward[value.name]).dtype.kind == FLOAT_KINDS
+                  for value in node.inputs]
+        pulled = pull_back(node, out_grads, inputs, outputs, opset, wanted=wanted)
+        for value, grad, want in zip(node.inputs, pulled, wanted):
+            if grad is None or not want:
                 continue
             grads[value.name] = grad if value.name not in grads else grads[value.name] + grad
     return {name: grads[name] for name in keep if name in grads}
@@ -180,7 +184,7 @@ def _channel_rows(grad: np.ndarray, axis: int, mask) -> np.ndarray:
     moved = np.moveaxis(grad, axis if axis < 0 else axis + 1, -1)
     per_probe = [real_token_rows(moved[k], mask).reshape(-1, moved.shape[-1])
                  for k in range(moved.shape[0])]
-    return np.concatenate(per_probe).astype(np.float64)
+    return np.concatenate(per_probe).astype(np.float32)
 
 
 def normalized_metric(sensitivity: np.ndarray, damp: float = METRIC_DAMP) -> np.ndarray | None:

@@ -131,7 +131,7 @@ UNARY = {
 
 
 # -- linear algebra -------------------------------------------------------------------------------
-def _matmul(node, g, x, y, opset):
+def _matmul(node, g, x, y, opset, wanted=(True, True)):
     a, b = x
     grad = g[0]
     a2 = a[None, :] if a.ndim == 1 else a
@@ -140,26 +140,30 @@ def _matmul(node, g, x, y, opset):
         grad = np.expand_dims(grad, -2)
     if b.ndim == 1:
         grad = np.expand_dims(grad, -1)
-    grad_a = grad @ _swap_last(b2)
-    grad_b = _swap_last(a2) @ grad
-    if a.ndim == 1:
-        grad_a = grad_a[..., 0, :]
-    if b.ndim == 1:
-        grad_b = grad_b[..., 0]
-    return [unbroadcast(grad_a, a.shape), unbroadcast(grad_b, b.shape)]
+    grads = [None, None]
+    if wanted[0]:
+        grad_a = grad @ _swap_last(b2)
+        grads[0] = unbroadcast(grad_a[..., 0, :] if a.ndim == 1 else grad_a, a.shape)
+    if wanted[1]:
+        grad_b = _swap_last(a2) @ grad
+        grads[1] = unbroadcast(grad_b[..., 0] if b.ndim == 1 else grad_b, b.shape)
+    return grads
 
 
-def _gemm(node, g, x, y, opset):
+def _gemm(node, g, x, y, opset, wanted=(True, True, True)):
     a, b = x[0], x[1]
     alpha, beta = node.attr("alpha", 1.0), node.attr("beta", 1.0)
     a_used = a.T if node.attr("transA", 0) else a
     b_used = b.T if node.attr("transB", 0) else b
-    grad_a = alpha * g[0] @ b_used.T
-    grad_b = alpha * np.einsum("mk,pmn->pkn", a_used, g[0])
-    grads = [np.swapaxes(grad_a, 1, 2) if node.attr("transA", 0) else grad_a,
-             np.swapaxes(grad_b, 1, 2) if node.attr("transB", 0) else grad_b]
+    grads = [None, None]
+    if wanted[0]:
+        grad_a = alpha * g[0] @ b_used.T
+        grads[0] = np.swapaxes(grad_a, 1, 2) if node.attr("transA", 0) else grad_a
+    if wanted[1]:
+        grad_b = alpha * np.einsum("mk,pmn->pkn", a_used, g[0])
+        grads[1] = np.swapaxes(grad_b, 1, 2) if node.attr("transB", 0) else grad_b
     if len(x) > 2 and x[2] is not None:
-        grads.append(unbroadcast(beta * g[0], x[2].shape))
+        grads.append(unbroadcast(beta * g[0], x[2].shape) if wanted[2] else None)
     return grads
 
 
@@ -351,8 +355,16 @@ VJP_RULES = {
 }
 
 
-def pull_back(node: Node, grads, inputs, outputs, opset: int) -> list[np.ndarray | None]:
-    """Input gradients of `node` (see the module docstring); NotDifferentiable without a rule."""
+# Rules that can leave out the gradient of an input no one reads: for a weight it costs as much
+# as the input's gradient (a [K, in, out] product) and the caller drops it anyway.
+SELECTIVE_RULES = {"MatMul", "Gemm"}
+
+
+def pull_back(node: Node, grads, inputs, outputs, opset: int,
+              wanted: list[bool] | None = None) -> list[np.ndarray | None]:
+    """Input gradients of `node` (see the module docstring); NotDifferentiable without a rule.
+    `wanted` (one flag per input) lets MatMul and Gemm skip the gradients flagged False (None
+    in their place)."""
     rule = VJP_RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
     if rule is None:
         raise NotDifferentiable(f"no gradient rule for {node.op_type} (node {node.name!r})")
@@ -360,4 +372,7 @@ def pull_back(node: Node, grads, inputs, outputs, opset: int) -> list[np.ndarray
     filled = [grad if grad is not None or out is None
               else np.zeros((probes, *out.shape), out.dtype)
               for grad, out in zip(grads, outputs)]
+    if wanted is not None and node.op_type in SELECTIVE_RULES:
+        flags = list(wanted) + [True] * (len(inputs) - len(wanted))
+        return rule(node, filled, inputs, outputs, opset, wanted=flags)
     return rule(node, filled, inputs, outputs, opset)

@@ -131,6 +131,25 @@ def test_rule_matches_finite_differences(case):
             1.0, np.abs(numeric).max()))
 
 
+@pytest.mark.parametrize("op, attrs, shapes", [
+    ("MatMul", {}, [(2, 3, 4), (4, 5), (2, 3, 5)]),
+    ("Gemm", {"transB": 1}, [(3, 4), (5, 4), (3, 5)]),
+])
+def test_matmul_and_gemm_leave_out_the_gradients_not_wanted(op, attrs, shapes):
+    from passes.vjp import pull_back
+    proto = _model([helper.make_node(op, ["a", "b"], ["y"], name="n", **attrs)],
+                   [("a", shapes[0]), ("b", shapes[1])], ["y"])
+    node = ir.load_model(proto).graph.nodes[0]
+    a, b, y = (_const(shape) for shape in shapes)
+    grad = RNG.standard_normal((3, *shapes[2])).astype(np.float32)
+    every = pull_back(node, [grad], [a, b], [y], 17)
+    only_a = pull_back(node, [grad], [a, b], [y], 17, wanted=[True, False])
+    only_b = pull_back(node, [grad], [a, b], [y], 17, wanted=[False, True])
+    assert only_a[1] is None and only_b[0] is None
+    np.testing.assert_array_equal(only_a[0], every[0])
+    np.testing.assert_array_equal(only_b[1], every[1])
+
+
 B = _const((6, 5))
 
 
