@@ -64,8 +64,9 @@ OWL = "schedule=owl"
 SCAN = "schedule=output:scan_samples=128:scan_outputs=sentence_embedding"
 FINE = "scan_grid=0.2+0.3+0.4+0.5+0.55+0.6+0.65+0.7+0.8+0.9"  # the first default grid
 METRIC = "output_metric=full:scan_samples=128:scan_outputs=sentence_embedding"
-# The same metric from gradients on 1024 calibration texts (its estimate generalizes better).
+# The same metric from gradients on more calibration texts (its estimate generalizes better).
 METRIC_1024 = "output_metric=full:scan_samples=1024:scan_outputs=sentence_embedding"
+METRIC_2048 = "output_metric=full:scan_samples=2048:scan_outputs=sentence_embedding"
 RESIDUAL = "residual_correction=true"  # with EC / bias: aim at the residual Add's sum
 REORDER = "reorder=true"  # N:M: channel groups and head entries reordered first
 MINILM_RUNS = [  # the rows first, then the corrections, then the reference rows
@@ -103,6 +104,9 @@ MINILM_RUNS = [  # the issue's rows first, then the corrections, then the refere
     ("sparsegpt, 2:4, error-correcting + ADMM, output metric (1024 texts), reordered, "
      "residual + bias correction",
      f"{SGPT_24}:{EC}:{ADMM}:{METRIC_1024}:{REORDER}:{BIAS}:{RESIDUAL}"),
+    ("sparsegpt, 2:4, error-correcting + ADMM, output metric (2048 texts), reordered, "
+     "residual + bias correction",
+     f"{SGPT_24}:{EC}:{ADMM}:{METRIC_2048}:{REORDER}:{BIAS}:{RESIDUAL}"),
     ("sparsegpt, 2:4, error-correcting + bias", f"{SGPT_24}:{EC}:{BIAS}"),
     ("sparsegpt, 2:4, error-correcting + residual + bias", f"{SGPT_24}:{EC}:{BIAS}:{RESIDUAL}"),
     ("sparsegpt, 2:4, reordered", f"{SGPT_24}:{REORDER}"),

@@ -26,12 +26,27 @@ import numpy as np
 
 from .errors import GraphError
 
-__all__ = ["Value", "Node", "Graph", "Model", "is_static_shape"]
+__all__ = ["Value", "Node", "Graph", "Model", "is_static_shape", "downstream_nodes"]
 
 
 def is_static_shape(shape) -> bool:
     """True when the rank and every dimension are known integers."""
     return shape is not None and all(isinstance(d, (int, np.integer)) for d in shape)
+
+
+def downstream_nodes(nodes: Iterable["Node"]) -> dict[int, "Node"]:
+    """`nodes` and every node that reads what they compute, directly or not, by id."""
+    found: dict[int, Node] = {}
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if id(node) in found:
+            continue
+        found[id(node)] = node
+        for value in node.outputs:
+            if value is not None:
+                stack.extend(value.consumers())
+    return found
 
 
 class Value:

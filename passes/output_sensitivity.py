@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ir import Model, Node, Value, to_onnx
+from ir import Model, Node, Value, downstream_nodes, to_onnx
 
 from .calibration import CalibrationSet, capture_session, make_session, real_token_rows
 from .vjp import NotDifferentiable, pull_back
@@ -112,14 +112,7 @@ def _chosen_outputs(graph, names: list[str] | None) -> list[Value]:
 
 def _path_nodes(graph, values: list[Value], outputs: list[Value]) -> list[Node]:
     """The nodes on some path from a probed value to a chosen output, in graph order."""
-    downstream: set[int] = set()
-    frontier = list(values)
-    while frontier:
-        value = frontier.pop()
-        for node in value.consumers():
-            if id(node) not in downstream:
-                downstream.add(id(node))
-                frontier.extend(v for v in node.outputs if v is not None)
+    downstream = downstream_nodes(node for value in values for node in value.consumers())
     upstream: set[int] = set()
     frontier = [v.producer for v in outputs if v.producer is not None]
     while frontier:

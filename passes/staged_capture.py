@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ir import Model, Node, to_onnx
+from ir import Model, Node, downstream_nodes, to_onnx
 
 from .calibration import capture_session, make_session
 
@@ -109,18 +109,8 @@ class StagedCapture:
     def invalidate(self, nodes: Iterable[Node]) -> None:
         """`nodes` changed (weights, inputs, attributes): drop what they and their descendants
         computed."""
-        stale: set[str] = set()
-        seen: set[int] = set()
-        pending = list(nodes)
-        while pending:
-            node = pending.pop()
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            for value in node.outputs:
-                if value is not None:
-                    stale.add(value.name)
-                    pending.extend(value.consumers())
+        stale = {value.name for node in downstream_nodes(nodes).values()
+                 for value in node.outputs if value is not None}
         self._done -= stale
         if self._cached & stale:
             self._cached -= stale

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ir import Graph, Model, Node, Value, copy_model, to_onnx
+from ir import Graph, Model, Node, Value, copy_model, downstream_nodes, to_onnx
 
 from ..calibration import capture, make_session
 from ..core import Option, OptionError, Pass, PassContext, PassResult, register_pass
@@ -46,16 +46,7 @@ class Block:
 
 def _branch_nodes(skip: Value, branch: Value) -> list[Node] | None:
     """Nodes on a path from `skip` to `branch`, or None when some node outside reads them."""
-    forward: set[int] = set()
-    stack = [node for node in skip.consumers()]
-    while stack:
-        node = stack.pop()
-        if id(node) in forward:
-            continue
-        forward.add(id(node))
-        for out in node.outputs:
-            if out is not None:
-                stack.extend(out.consumers())
+    forward = downstream_nodes(skip.consumers())
     between: dict[int, Node] = {}
     stack = [branch.producer] if branch.producer is not None else []
     while stack:

@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ir import Model, to_onnx
+from ir import Model
 
-from ..calibration import capture_session, make_session
 from ..core import PassContext
 from ..output_probe import OutputProbe
+from ..staged_capture import StagedCapture
 from .consumers import Consumer, group_consumers, linear_consumer, output_rows, token_rows
 from .groups import ChannelGroup
 from .obs import ConsumerProblem, damped_inverse, greedy_obs, least_squares_start, refit_rows
@@ -64,12 +64,12 @@ def capture_rows(model: Model, consumers: list[Consumer], calibration, samples: 
     {name + RESIDUAL: rows [rows, N]} of each consumer's residual partner (when it has one)."""
     names = sorted({c.node.input(0).name for c in consumers}
                    | {c.residual.name for c in consumers if c.residual is not None})
-    session = _truncated_session(model, names)
-    wanted = {i.name for i in session.get_inputs()}
+    feeds = calibration.feeds(model, samples)
+    # Only what `names` need runs: an early layer's input costs a fraction of a full run, and
+    # pruning captures once per group.
+    captured = StagedCapture(model, feeds, keep=False).capture(names)
     rows: dict[str, list[np.ndarray]] = {}
-    for index, feed in enumerate(calibration.feeds(model, samples)):
-        values = dict(zip(names, session.run(names, {k: v for k, v in feed.items()
-                                                     if k in wanted})))
+    for index, (feed, values) in enumerate(zip(feeds, captured)):
         mask = token_rows(feed, mask_name)
         for consumer in consumers:
             parts = {consumer.node.name: consumer.rows(values[consumer.node.input(0).name], mask)}
@@ -83,18 +83,6 @@ def capture_rows(model: Model, consumers: list[Consumer], calibration, samples: 
                     x = x[np.sort(pick)]
                 rows.setdefault(name, []).append(np.asarray(x, dtype=np.float32))
     return {name: np.concatenate(parts) for name, parts in rows.items() if parts}
-
-
-def _truncated_session(model: Model, names: list[str]):
-    """A session computing only what `names` need (an early layer's input costs a fraction of
-    a full run; pruning runs one capture per group), or the full model with extra outputs."""
-    import onnx.utils
-    try:
-        proto = to_onnx(model)
-        inputs = [v.name for v in model.graph.inputs]
-        return make_session(onnx.utils.Extractor(proto).extract_model(inputs, names))
-    except Exception:  # noqa: BLE001 - e.g. a graph the extractor cannot walk: run it whole
-        return capture_session(model, names)
 
 
 def _augment(x: np.ndarray, bias: bool) -> np.ndarray:

@@ -24,6 +24,15 @@ def _two_input_graph():
     return graph, x, z, relu, add
 
 
+def test_downstream_nodes_follow_every_reader_once():
+    graph, x, z, relu, add = _two_input_graph()
+    side = graph.add_node("Neg", [z], name="side")
+    assert set(ir.downstream_nodes([relu])) == {id(relu), id(add)}
+    assert set(ir.downstream_nodes([add])) == {id(add)}
+    assert set(ir.downstream_nodes([side])) == {id(side)}
+    assert ir.downstream_nodes([]) == {}
+
+
 # -- use-def sync ----------------------------------------------------------------------------------
 def test_set_input_moves_exactly_one_use():
     graph, x, z, relu, add = _two_input_graph()
