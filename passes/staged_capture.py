@@ -70,13 +70,13 @@ class StagedCapture:
     def capture(self, names: list[str]) -> Iterator[dict[str, np.ndarray]]:
         """Per feed, {name: array} for `names`. The frontier moves on once every feed has been
         captured; a caller that stops earlier leaves nothing kept."""
-        proto = to_onnx(self.model)
-        if _has_subgraphs(proto):
+        if any(node.subgraphs() for node in self.model.graph.nodes):
             self._forget()
             session = capture_session(self.model, list(names))
             for feed in self.feeds:
                 yield dict(zip(names, session.run(list(names), feed)))
             return
+        proto = to_onnx(self.model)
         graph_inputs = {v.name for v in proto.graph.input}
         nodes, inputs = self._plan(proto, names, graph_inputs)
         produced = {out for node in nodes for out in node.output if out}
@@ -153,11 +153,6 @@ class StagedCapture:
         return frontier if size <= self.budget_bytes else set()
 
 
-def _has_subgraphs(proto: onnx.ModelProto) -> bool:
-    return any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-               for node in proto.graph.node for attr in node.attribute)
-
-
 def _pending(proto, candidates: set[str], done: set[str]) -> set[str]:
     """The candidates that some node not yet run reads."""
     pending = set()
@@ -174,7 +169,7 @@ def _subgraph_session(proto, nodes, inputs, outputs, graph_inputs, first_cache):
     declared = {v.name: v for v in graph.input}
     new_inputs = []
     for name in inputs:
-        if name in graph_inputs and name not in first_cache:
+        if name in graph_inputs:  # never kept: nothing produces a graph input
             new_inputs.append(declared[name])
         else:
             array = first_cache[name]

@@ -113,3 +113,25 @@ def test_sequential_sparsify_is_the_same_with_and_without_kept_activations(monke
     assert len(changed) >= 4
     for name in staged:
         np.testing.assert_allclose(staged[name], from_inputs[name], rtol=1e-5, atol=1e-6)
+
+
+def test_graphs_with_subgraphs_run_whole_and_keep_nothing():
+    from onnx import TensorProto, helper, numpy_helper
+    branch = helper.make_graph([helper.make_node("Relu", ["x"], ["r"])], "then", [],
+                               [helper.make_tensor_value_info("r", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["n"])], "else", [],
+                              [helper.make_tensor_value_info("n", TensorProto.FLOAT, None)])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=other),
+         helper.make_node("Sigmoid", ["y"], ["z"])], "if",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.array(True), "cond")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    model = ir.load_model(proto)
+    feeds = [{"x": np.array([[-1.0, 2.0, -3.0, 4.0]], np.float32)}]
+    staged = StagedCapture(model, feeds)
+    got = list(staged.capture(["y"]))
+    np.testing.assert_array_equal(got[0]["y"], np.maximum(feeds[0]["x"], 0))
+    assert staged.kept_names == set()
