@@ -69,6 +69,8 @@ METRIC_1024 = "output_metric=full:scan_samples=1024:scan_outputs=sentence_embedd
 METRIC_2048 = "output_metric=full:scan_samples=2048:scan_outputs=sentence_embedding"
 RESIDUAL = "residual_correction=true"  # with EC / bias: aim at the residual Add's sum
 REORDER = "reorder=true"  # N:M: channel groups and head entries reordered first
+# Block-wise reconstruction after the masks (Adam, masks fixed) on 2048 of the calibration texts.
+RECON = "reconstruct=true:reconstruct_samples=2048"
 MINILM_RUNS = [  # the issue's rows first, then the corrections, then the reference rows
     ("sparsegpt, 50% unstructured", SGPT_50),
     ("sparsegpt, 2:4", SGPT_24),
@@ -107,6 +109,9 @@ MINILM_RUNS = [  # the issue's rows first, then the corrections, then the refere
     ("sparsegpt, 2:4, error-correcting + ADMM, output metric (2048 texts), reordered, "
      "residual + bias correction",
      f"{SGPT_24}:{EC}:{ADMM}:{METRIC_2048}:{REORDER}:{BIAS}:{RESIDUAL}"),
+    ("sparsegpt, 2:4, error-correcting + ADMM, output metric (1024 texts), reordered, "
+     "residual + bias correction, block reconstruction",
+     f"{SGPT_24}:{EC}:{ADMM}:{METRIC_1024}:{REORDER}:{BIAS}:{RESIDUAL}:{RECON}"),
     # Less dampening: with ~18k calibration texts the Hessians are well estimated.
     ("sparsegpt, 2:4, error-correcting + ADMM, output metric (1024 texts), reordered, "
      "residual + bias correction, damp 0.003",

@@ -1,5 +1,6 @@
 """Vector-Jacobian products of ONNX ops, for gradients of a model's outputs with respect to its
-intermediate tensors (not its weights).
+intermediate tensors, and to the constant operands of MatMul, Gemm and Add (weights and biases;
+Conv's weight has none).
 
 `VJP_RULES[op_type](node, grads, inputs, outputs, opset)` returns, for each input of `node`, the
 gradient of the probed scalar(s) with respect to that input (None for inputs that carry shapes,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ir import Model, copy_model
+from ir import Model, Value, copy_model
 
+from ..block_reconstruction import TunedLayer, reconstruct_blocks
 from ..calibration import token_mask_input
 from ..core import OptionError, Option, Pass, PassContext, PassResult, register_pass
 from ..output_probe import output_probe
@@ -68,6 +69,14 @@ class Sparsify(Pass):
     `full` also lets SparseGPT's refit and ADMM put the error into output directions the model
     does not read (with `refit` or `admm`).
 
+    `reconstruct` finally tunes the model block by block (a transformer's attention or FFN up
+    to its LayerNorm): the weights and biases of its sparse layers, and of dense ones in the
+    same block, with the zeros fixed, so that the block's output matches the original model's
+    from what the blocks before it now give. Unlike the one-shot corrections above this is
+    iterative (Adam on `reconstruct_samples` calibration samples, each block keeping its best
+    epoch on held-out ones; `passes/block_reconstruction.py`), a distillation of each block
+    against the original without labels.
+
     `schedule=sensitivity` scans each layer's own output error; `schedule=output` scans what
     reaches the model's outputs: each layer alone is sparsified (by `method`) at a grid of
     sparsities and the relative change of the graph outputs on `scan_samples` calibration
@@ -129,6 +138,16 @@ class Sparsify(Pass):
                           "new orthogonal basis), leaving the model's function unchanged, so "
                           "that each group of M inputs mixes strong and weak weights and the "
                           "mask keeps more"),
+        "reconstruct": Option(bool, False, "after the masks, tune the MatMul/Gemm weights and "
+                              "biases of each block with sparse layers (zeros kept) so that "
+                              "the block's output matches the original model's on "
+                              "calibration data (gradient steps, block by block: "
+                              "passes/block_reconstruction.py)"),
+        "reconstruct_samples": Option(int, 1024, "reconstruct: calibration samples, spread "
+                                      "over `samples` (the last 64 judge each block's epochs)"),
+        "reconstruct_epochs": Option(int, 3, "reconstruct: passes over those samples"),
+        "reconstruct_step": Option(float, 0.002, "reconstruct: Adam's step, a fraction of "
+                                   "each layer's RMS weight"),
         "token_mask": Option(str, "auto", "graph input whose 0s mark padding tokens to leave out "
                              "of the statistics (auto: an input named attention_mask; none)"),
     }
@@ -152,8 +171,13 @@ class Sparsify(Pass):
             raise OptionError("sparsify: reorder=true needs method=wanda or method=sparsegpt")
         if self.metric_damp < 0:
             raise OptionError(f"sparsify: metric_damp={self.metric_damp} must be >= 0")
-        if self.block_columns < 1 or self.scan_samples < 1:
-            raise OptionError("sparsify: block_columns and scan_samples must be >= 1")
+        if min(self.block_columns, self.scan_samples, self.reconstruct_samples,
+               self.reconstruct_epochs) < 1:
+            raise OptionError("sparsify: block_columns, scan_samples, reconstruct_samples and "
+                              "reconstruct_epochs must be >= 1")
+        if not 0.0 < self.reconstruct_step < 1.0:
+            raise OptionError(f"sparsify: reconstruct_step={self.reconstruct_step} must be in "
+                              "(0, 1)")
         pattern = parse_pattern(self.pattern, self.block, self.nm)
         kernels = {_parse_kernel(k) for k in self.kernels}
         targets, skipped = self._select(model, kernels)
@@ -178,6 +202,8 @@ class Sparsify(Pass):
         # correction aims at the original outputs while the inputs already changed.
         reference = copy_model(model) \
             if sequential and (self.error_correction or self.bias_correction) else None
+        original = reference if reference is not None or not self.reconstruct \
+            else copy_model(model)
         if self.output_metric != "none":
             self._metrics = self._output_metrics(model, ctx, targets)
         stats = self._statistics(model, ctx, targets, full=self.schedule == "sensitivity") \
@@ -208,6 +234,9 @@ class Sparsify(Pass):
                                           sparsities[i]))
             if captures is not None:
                 captures[0].invalidate(targets[i].node for i in todo)
+        captures = None  # the kept activations are stale from here on
+        reconstructed = self._reconstruct(model, ctx, original, notes) \
+            if self.reconstruct and layers else None
         model.graph.remove_unused_constants()
         write_sparsity_property(model)
 
@@ -222,6 +251,8 @@ class Sparsify(Pass):
                    "layers": layers, "skipped": skipped}
         if reordered:
             details["reordered"] = reordered
+        if reconstructed is not None:
+            details["reconstruction"] = reconstructed
         if scan is not None:
             details["sensitivity"] = scan["layers"]
             details["sensitivity_grid"] = scan["grid"]
@@ -374,6 +405,40 @@ class Sparsify(Pass):
                               "sparsities in [0, 1), e.g. 0.3+0.5+0.7")
         return tuple(points)
 
+    def _reconstruct(self, model, ctx, original, notes) -> list[dict]:
+        """`reconstruct`: tune the sparse MatMul/Gemm layers (zeros fixed), and the dense ones
+        that share a block with them, block by block against the original model
+        (`block_reconstruction`)."""
+        layers = []
+        for target in find_targets(model.graph, ["MatMul", "Gemm"]):
+            weight = target.weight
+            if len(weight.uses()) > 1 or weight.is_graph_output() \
+                    or weight.const.dtype.kind != "f":
+                continue
+            keep = weight.const != 0 if "sparsity" in weight.meta else None
+            layers.append(TunedLayer(target.node, weight, _bias_of(target), keep))
+        if not any(layer.keep is not None for layer in layers):
+            notes.append("sparsify: reconstruct=true found no sparse MatMul/Gemm layer to tune "
+                         "(Conv weights have no gradient rule); skipped")
+            return []
+        calibration = ctx.require_calibration(model, samples=self.samples)
+        feeds = calibration.feeds(model, self.samples)
+        if len(feeds) > self.reconstruct_samples:  # spread over the whole calibration set
+            chosen = np.linspace(0, len(feeds) - 1, self.reconstruct_samples).round()
+            feeds = [feeds[int(i)] for i in chosen]
+        records = reconstruct_blocks(model, original, feeds, layers,
+                                     epochs=self.reconstruct_epochs, step=self.reconstruct_step,
+                                     row_mask_input=self._token_mask(model), seed=ctx.seed,
+                                     progress=ctx.progress)
+        tuned = [r for r in records if "held_out_error" in r]
+        start = sum(r["held_out_error"][0] for r in tuned)
+        end = sum(r["held_out_error"][1] for r in tuned)
+        notes.append(f"sparsify: reconstructed {len(tuned)} blocks on {len(feeds)} samples: "
+                     f"held-out block error {start:.4g} -> {end:.4g} (sum over blocks)")
+        notes.extend(f"sparsify: block ending at {r['output']} not reconstructed: {r['skipped']}"
+                     for r in records if "skipped" in r)
+        return records
+
     # -- rewrite ---------------------------------------------------------------------------------
     def _mask(self, target, pattern: SparsityPattern, score: np.ndarray, sparsity: float):
         keep = np.ones(score.shape, dtype=bool)
@@ -485,6 +550,20 @@ def _layer_error(target: SparsifyTarget, stat: InputStatistics, weights, pruned)
         num += float(((delta @ h) * delta).sum())
         den += float(((weights[rows] @ h) * weights[rows]).sum())
     return num / max(den, 1e-30)
+
+
+def _bias_of(target: SparsifyTarget) -> Value | None:
+    """The float constant a layer adds to its output (Gemm's C, or the sole Add after a
+    MatMul) when nothing else reads it."""
+    if target.op_type == "Gemm":
+        bias = target.node.input(2) if len(target.node.inputs) > 2 else None
+    else:
+        found = target.node.output.sole_add()
+        bias = found[0].input(found[1]) if found is not None else None
+    if bias is None or not bias.is_constant or bias.const.dtype.kind != "f" \
+            or len(bias.uses()) > 1 or bias.is_graph_output():
+        return None
+    return bias
 
 
 def _parse_kernel(text: str) -> tuple[int, ...]:
