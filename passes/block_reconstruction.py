@@ -34,7 +34,7 @@ from onnx import helper
 
 from ir import CompressError, Model, Node, Value, downstream_nodes, to_onnx
 
-from .calibration import make_session
+from .calibration import subgraph_session
 from .staged_capture import StagedCapture
 from .vjp import NotDifferentiable, pull_back
 
@@ -145,6 +145,8 @@ def reconstruct_blocks(model: Model, reference: Model, feeds: list[dict[str, np.
     `reference` is the original model (its values carry the same names at the cuts); `step`
     is Adam's step as a fraction of each layer's RMS weight. Returns one record per block."""
     blocks = find_blocks(model, layers)
+    # Written once: the blocks feed their tuned weights as inputs, and nothing else changes.
+    proto = to_onnx(model)
     known = {v.name for n in reference.graph.nodes for v in n.outputs if v is not None}
     held_out = min(held_out, len(feeds) // 4)
     train = np.arange(len(feeds) - held_out)
@@ -164,7 +166,7 @@ def reconstruct_blocks(model: Model, reference: Model, feeds: list[dict[str, np.
         if fresh:
             for index, values in enumerate(outside.capture(fresh)):
                 inputs[index].update(values)
-        fitted = _BlockFit(model, block)
+        fitted = _BlockFit(model, block, proto)
         missing = [name for name in block.outputs if name not in known]
         if block.layers and missing:
             records.append({"nodes": [layer.node.name for layer in block.layers],
@@ -186,7 +188,7 @@ class _BlockFit:
     """One block as an onnxruntime session whose tuned weights are inputs, with its backward
     sweep and Adam state."""
 
-    def __init__(self, model: Model, block: Block):
+    def __init__(self, model: Model, block: Block, proto: onnx.ModelProto):
         self.model = model
         self.block = block
         self.parameters = {p.name: p for layer in block.layers for p in layer.parameters()}
@@ -207,31 +209,23 @@ class _BlockFit:
         reached = downstream_nodes(layer.node for layer in block.layers)
         self.carries_gradient = {v.name for n in block.nodes if id(n) in reached
                                  for v in n.outputs if v is not None}
-        self.session = self._session()
+        self.session = self._session(proto)
 
-    def _session(self):
-        proto = to_onnx(self.model)  # its nodes follow the graph's (sorted) node list
+    def _session(self, proto):
+        # `proto` is the model as `to_onnx` wrote it: its nodes follow the graph's node list.
         position = {id(node): index for index, node in enumerate(self.model.graph.nodes)}
-        keep_nodes = [proto.graph.node[position[id(node)]] for node in self.block.nodes]
+        nodes = [proto.graph.node[position[id(node)]] for node in self.block.nodes]
         declared = {v.name: v for v in (*proto.graph.input, *proto.graph.value_info,
                                         *proto.graph.output)}
-        used = {name for n in keep_nodes for name in n.input if name}
-        initializers = [t for t in proto.graph.initializer
-                        if t.name in used and t.name not in self.parameters]
-        graph_inputs = []
+        inputs = []
         for name in [*self.block.inputs, *self.parameters]:
             if name in declared:
-                graph_inputs.append(declared[name])
+                inputs.append(declared[name])
             else:
                 value = self.parameters[name] if name in self.parameters else self._value(name)
-                graph_inputs.append(helper.make_tensor_value_info(
+                inputs.append(helper.make_tensor_value_info(
                     name, helper.np_dtype_to_tensor_dtype(np.dtype(value.dtype)), None))
-        graph = helper.make_graph(keep_nodes, "block", graph_inputs,
-                                  [onnx.ValueInfoProto(name=n) for n in self.computed],
-                                  initializers)
-        sub = helper.make_model(graph, opset_imports=proto.opset_import,
-                                ir_version=proto.ir_version)
-        return make_session(sub)
+        return subgraph_session(proto, nodes, inputs, self.computed)
 
     def _value(self, name: str) -> Value:
         for node in self.block.nodes:

@@ -20,7 +20,7 @@ import onnx
 from ir import CompressError, Model, to_onnx
 
 __all__ = ["CalibrationSet", "capture", "capture_session", "make_session", "real_token_rows",
-           "token_mask_input"]
+           "subgraph_session", "token_mask_input"]
 
 
 class CalibrationSet:
@@ -158,6 +158,24 @@ def make_session(proto: onnx.ModelProto):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(proto.SerializeToString(), options,
                                 providers=["CPUExecutionProvider"])
+
+
+def subgraph_session(proto: onnx.ModelProto, nodes, inputs: list[onnx.ValueInfoProto],
+                     outputs: list[str]):
+    """A session of `nodes` (NodeProtos of `proto`, in order) alone: `inputs` fed (graph
+    inputs, values computed elsewhere, or constants to be fed in place of their initializers),
+    `outputs` fetched; the initializers they read otherwise come along. `proto` is not
+    changed."""
+    fed = {value.name for value in inputs}
+    used = {name for node in nodes for name in node.input if name}
+    initializers = [t for t in proto.graph.initializer if t.name in used and t.name not in fed]
+    graph = onnx.helper.make_graph(nodes, proto.graph.name, inputs,
+                                   [onnx.ValueInfoProto(name=name) for name in outputs],
+                                   initializers)
+    sub = onnx.helper.make_model(graph, opset_imports=proto.opset_import,
+                                 ir_version=proto.ir_version)
+    sub.functions.extend(proto.functions)  # model-local functions the nodes may call
+    return make_session(sub)
 
 
 def capture_session(model: Model, value_names: list[str]):

@@ -23,12 +23,11 @@ import os
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-import onnx
 from onnx import helper
 
 from ir import Model, Node, downstream_nodes, to_onnx
 
-from .calibration import capture_session, make_session
+from .calibration import capture_session, subgraph_session
 
 __all__ = ["StagedCapture", "frontier_budget"]
 
@@ -164,24 +163,9 @@ def _pending(proto, candidates: set[str], done: set[str]) -> set[str]:
 
 def _subgraph_session(proto, nodes, inputs, outputs, graph_inputs, first_cache):
     """A session of `nodes` alone: graph inputs and kept values in, `outputs` out."""
-    graph = proto.graph
-    used = {name for node in nodes for name in node.input if name}
-    declared = {v.name: v for v in graph.input}
-    new_inputs = []
-    for name in inputs:
-        if name in graph_inputs:  # never kept: nothing produces a graph input
-            new_inputs.append(declared[name])
-        else:
-            array = first_cache[name]
-            new_inputs.append(helper.make_tensor_value_info(
-                name, helper.np_dtype_to_tensor_dtype(array.dtype), None))
-    initializers = [t for t in graph.initializer if t.name in used]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
-    del graph.input[:]
-    graph.input.extend(new_inputs)
-    del graph.output[:]
-    graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
-    return make_session(proto)
+    declared = {v.name: v for v in proto.graph.input}
+    infos = [declared[name] if name in graph_inputs  # never kept: nothing produces one
+             else helper.make_tensor_value_info(
+                 name, helper.np_dtype_to_tensor_dtype(first_cache[name].dtype), None)
+             for name in inputs]
+    return subgraph_session(proto, nodes, infos, outputs)

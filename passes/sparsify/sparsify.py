@@ -234,7 +234,7 @@ class Sparsify(Pass):
                                           sparsities[i]))
             if captures is not None:
                 captures[0].invalidate(targets[i].node for i in todo)
-        captures = None  # the kept activations are stale from here on
+        captures = None  # frees the kept activations (GiBs with large calibration sets)
         reconstructed = self._reconstruct(model, ctx, original, notes) \
             if self.reconstruct and layers else None
         model.graph.remove_unused_constants()

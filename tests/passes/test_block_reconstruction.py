@@ -159,7 +159,7 @@ def test_bad_reconstruction_options_are_refused(extra, message):
 def test_padding_tokens_do_not_count_in_the_error():
     _, model = _sparse_pair(blocks=1)
     block, = find_blocks(model, _tuned(model))
-    fit = _BlockFit(model, block)
+    fit = _BlockFit(model, block, ir.to_onnx(model))
     feed = {"s0": np.random.default_rng(4).standard_normal((1, 8, 32)).astype(np.float32)}
     wanted = {name: value.copy() for name, value in fit.outputs(feed).items()}
     wanted[block.outputs[0]][0, 6:] += 100.0  # the two padding tokens
